@@ -13,6 +13,8 @@ The whole public API is re-exported here.
 """
 
 from gdlr_jax import linear as linear
+from gdlr_jax import data as data
+from gdlr_jax import mlp as mlp
 
 # --- curvature (layer 2) ---
 from gdlr_jax._hessian import hessian as hessian

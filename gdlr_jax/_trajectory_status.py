@@ -1,0 +1,219 @@
+"""What happened to a gradient-descent trajectory: status codes and the criteria behind them.
+
+Part of the engine (layer 4). The engine (:func:`gdlr_jax.sweep`) evaluates every trajectory at
+a schedule of *evaluation times* (``docs/engine.md``): at each one it computes the full-batch
+loss ``L(theta_t)`` and gradient norm ``||grad L(theta_t)||`` and decides, with the
+:class:`ConvergenceCriteria`, whether the trajectory has converged or diverged. A trajectory that
+is still moving after the last step is examined over its final ``window`` iterates for a
+periodic orbit (:func:`orbit_summary`).
+
+All functions here act on one trajectory (scalars and one parameter pytree) or elementwise on a
+batch of trajectories; the engine vmaps them.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Bool, Float, Int
+
+PyTree = Any
+
+
+class TrajectoryStatus(enum.IntEnum):
+    """Outcome of one trajectory (the ``status`` array of :class:`gdlr_jax.SweepResult`).
+
+    Attributes:
+        NOT_CONVERGED: bounded after ``steps`` steps, not converged, no periodic orbit found
+            (chaotic, still drifting, or converging too slowly for the tolerances).
+        CONVERGED_MINIMUM: converged, and the loss is within ``loss_tol`` of the known minimum
+            value (or no minimum value was given: see :class:`ConvergenceCriteria`).
+        CONVERGED_CRITICAL_POINT: converged to a critical point whose loss is more than
+            ``loss_tol`` above the known minimum value (e.g. the saddle at the origin of
+            ``1/2 (1 - x y)^2``).
+        DIVERGED: left the region ``||theta||_inf <= divergence_bound`` or became non-finite;
+            the trajectory is stopped at its last iterate inside that region.
+        PERIODIC: bounded and not converged, with iterates repeating at a lag ``p`` with
+            ``2 <= p <= max_period`` over the final window (the period is in ``period``).
+    """
+
+    NOT_CONVERGED = 0
+    CONVERGED_MINIMUM = 1
+    CONVERGED_CRITICAL_POINT = 2
+    DIVERGED = 3
+    PERIODIC = 4
+
+
+class ConvergenceCriteria(NamedTuple):
+    """Tolerances of the trajectory status (all documented in ``docs/engine.md``).
+
+    A trajectory, evaluated at an evaluation time ``t`` with full-batch loss ``L_t`` and
+    gradient norm ``g_t = ||grad L(theta_t)||_2``, is
+
+    * **diverged** if ``theta_t`` has a non-finite entry or ``||theta_t||_inf >
+      divergence_bound``, or ``L_t`` or ``g_t`` is non-finite;
+    * **converged** if ``g_t <= grad_tol`` and ``eta * g_t <= step_tol`` (the length of the
+      next plain GD step); it converged to a **minimum** if ``L_t - min_loss_value <= loss_tol``
+      and to a **non-minimal critical point** otherwise. Without ``min_loss_value`` every
+      converged trajectory counts as converged to a minimum (GD from a random initialisation
+      converges to a strict saddle with probability zero).
+
+    A trajectory still running after the last step is **periodic** with period ``p`` if ``p``
+    is the smallest lag in ``1..max_period`` with ``||theta_t - theta_{t-p}||_inf <= period_tol
+    * (1 + ||theta_t||_inf)`` for every ``t`` of the final ``window`` iterates with ``t - p``
+    in the window, and ``p >= 2`` (``p = 1``, a stalled trajectory, reports period 0).
+
+    Attributes:
+        grad_tol: bound on the full-batch gradient norm for convergence.
+        step_tol: bound on ``eta * ||grad L||`` for convergence.
+        loss_tol: how far above ``min_loss_value`` a converged loss may be to count as a
+            minimum.
+        divergence_bound: bound on ``||theta||_inf``; beyond it a trajectory has diverged.
+        window: number of final steps over which the asymptotic step norm is averaged and
+            periodic orbits are sought (``>= 2 * max_period``; capped at ``steps``).
+        max_period: largest period looked for.
+        period_tol: relative tolerance of the lag comparison.
+    """
+
+    grad_tol: float = 1e-5
+    step_tol: float = 1e-6
+    loss_tol: float = 1e-6
+    divergence_bound: float = 1e6
+    window: int = 32
+    max_period: int = 8
+    period_tol: float = 1e-5
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first field that is out of range."""
+        for name in ("grad_tol", "step_tol", "loss_tol", "period_tol"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value >= 0 or math.isnan(value):
+                raise ValueError(
+                    f"criteria.{name} must be a non-negative number, got {value!r}."
+                )
+        bound = self.divergence_bound
+        if not _is_real(bound) or not bound > 0:
+            raise ValueError(
+                f"criteria.divergence_bound must be positive (inf allowed), got {bound!r}."
+            )
+        if not _is_int(self.max_period) or self.max_period < 1:
+            raise ValueError(
+                f"criteria.max_period must be a positive integer, got {self.max_period!r}."
+            )
+        if not _is_int(self.window) or self.window < 2 * self.max_period:
+            raise ValueError(
+                f"criteria.window must be an integer >= 2 * max_period = "
+                f"{2 * self.max_period}, got {self.window!r}."
+            )
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def within_bound(params: PyTree, bound: float) -> Bool[Array, ""]:
+    """Whether every entry of ``params`` is finite with ``|theta_i| <= bound``.
+
+    One comparison per entry: a NaN compares false, so non-finite entries fail too.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    return jnp.all(jnp.stack([jnp.all(jnp.abs(leaf) <= bound) for leaf in leaves]))
+
+
+def classify_evaluation(
+    status: Int[Array, " n"],
+    loss: Float[Array, " n"],
+    grad_norm: Float[Array, " n"],
+    params_ok: Bool[Array, " n"],
+    etas: Float[Array, " n"],
+    criteria: ConvergenceCriteria,
+    min_loss_value: float | None,
+) -> tuple[Int[Array, " n"], Bool[Array, " n"], Bool[Array, " n"]]:
+    """Updates the status of ``n`` trajectories evaluated at the same time.
+
+    Only trajectories with status ``NOT_CONVERGED`` (still running) change.
+
+    Args:
+        status: current status codes ``(n,)``.
+        loss: full-batch loss at the current iterates ``(n,)``.
+        grad_norm: ``||grad L||_2`` at the current iterates ``(n,)``.
+        params_ok: :func:`within_bound` of the current iterates ``(n,)``.
+        etas: step sizes ``(n,)``.
+        criteria: the tolerances.
+        min_loss_value: the known minimum value of the loss, or ``None``.
+
+    Returns:
+        ``(new_status, diverged_now, converged_now)``, each ``(n,)``.
+    """
+    running = status == TrajectoryStatus.NOT_CONVERGED
+    ok = params_ok & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    diverged_now = running & ~ok
+    converged_now = (
+        running
+        & ok
+        & (grad_norm <= criteria.grad_tol)
+        & (etas * grad_norm <= criteria.step_tol)
+    )
+    if min_loss_value is None:
+        at_minimum = jnp.ones_like(running)
+    else:
+        at_minimum = loss - min_loss_value <= criteria.loss_tol
+    converged_code = jnp.where(
+        at_minimum,
+        jnp.int32(TrajectoryStatus.CONVERGED_MINIMUM),
+        jnp.int32(TrajectoryStatus.CONVERGED_CRITICAL_POINT),
+    )
+    new_status = jnp.where(
+        diverged_now,
+        jnp.int32(TrajectoryStatus.DIVERGED),
+        jnp.where(converged_now, converged_code, status),
+    )
+    return new_status, diverged_now, converged_now
+
+
+def orbit_summary(
+    history: PyTree, max_period: int, period_tol: float
+) -> tuple[Int[Array, ""], Float[Array, ""]]:
+    """Period and mean step length of one trajectory over its final window.
+
+    With ``theta_0, ..., theta_W`` the last ``W + 1`` iterates (``W`` steps):
+
+    * ``asymptotic_step_norm = (1/W) sum_j ||theta_{j+1} - theta_j||_2``, which for plain GD
+      is the mean of ``eta * ||grad L(theta_j)||`` (the quantity of the paper's abstract and
+      Figures 5-6);
+    * ``period`` is the smallest ``p`` in ``1..max_period`` with
+      ``max_{j >= p} ||theta_j - theta_{j-p}||_inf / (1 + ||theta_j||_inf) <= period_tol``,
+      reported when ``p >= 2`` and 0 otherwise (no orbit found, or ``p = 1``: stalled).
+
+    Args:
+        history: parameter pytree whose leaves carry a leading axis of length ``W + 1``
+            (``W >= 2 * max_period``).
+        max_period: largest period looked for.
+        period_tol: relative tolerance of the lag comparison.
+
+    Returns:
+        ``(period, asymptotic_step_norm)``, scalars.
+    """
+    flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(history)  # (W + 1, d)
+    steps = jnp.linalg.norm(flat[1:] - flat[:-1], axis=-1)
+    scale = 1.0 + jnp.max(jnp.abs(flat), axis=-1)  # (W + 1,)
+    lag_error = jnp.stack(
+        [
+            jnp.max(jnp.max(jnp.abs(flat[p:] - flat[:-p]), axis=-1) / scale[p:])
+            for p in range(1, max_period + 1)
+        ]
+    )  # (max_period,)
+    repeats = lag_error <= period_tol
+    smallest = jnp.argmax(repeats).astype(jnp.int32) + 1
+    period = jnp.where(jnp.any(repeats) & (smallest >= 2), smallest, 0)
+    return period, jnp.mean(steps)
+

@@ -1,0 +1,331 @@
+"""Running a config: finding it, choosing the output folder, writing every file (layer 5).
+
+A run of config ``NAME`` writes into one folder (default ``runs/NAME/``) through
+:class:`RunOutput`, the single place that writes files, each atomically (a temporary file
+renamed into place, so an interrupted run never leaves a half-written file):
+
+* ``config.yaml``: the resolved config (every key, defaults filled in); running it again
+  reproduces the run;
+* the experiment's arrays (``results.npz``) and figures (``<figure>.png`` and ``.pdf``);
+* ``summary.json``, written last: the experiment's summary plus the run's metadata (config
+  fingerprint, gdlr_jax version, overrides, wall time, files). A folder without it holds an
+  unfinished run.
+
+A previous run is never overwritten silently: without ``--out`` a taken ``runs/NAME`` becomes
+``runs/NAME-2``, ``runs/NAME-3``, ...; an explicit ``--out`` that is not empty is an error
+unless ``overwrite=True``, which replaces it only when it holds a previous run (a
+``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from gdlr_jax import __version__
+from gdlr_jax.experiments.config import Config, ConfigError, get_experiment
+
+#: the config that ``gdlr run`` runs when none is named.
+DEFAULT_CONFIG = "two_neuron"
+#: where default output folders go, relative to the working directory.
+RUNS_DIR = pathlib.Path("runs")
+_RUN_MARKER = "config.yaml"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# ----- finding configs ----------------------------------------------------------------------
+def config_dirs() -> list[pathlib.Path]:
+    """Folders searched for configs by name: ``./configs``, then the repository's ``configs/``."""
+    candidates = [pathlib.Path.cwd() / "configs", pathlib.Path(__file__).resolve().parents[2] / "configs"]
+    out: list[pathlib.Path] = []
+    for path in candidates:
+        if path.is_dir() and all(path.resolve() != p.resolve() for p in out):
+            out.append(path)
+    return out
+
+
+def find_config(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """A config file: an existing path as given, else ``<name>.yaml`` in :func:`config_dirs`.
+
+    Raises:
+        ConfigError: when neither exists (the message lists the shipped configs).
+    """
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if path.parent == pathlib.Path("."):
+        for folder in config_dirs():
+            if (folder / f"{stem}.yaml").is_file():
+                return folder / f"{stem}.yaml"
+    names = ", ".join(name for name, _, _ in list_configs()) or "none found"
+    raise ConfigError(f"config not found: {name_or_path} (shipped configs: {names})")
+
+
+def list_configs() -> list[tuple[str, pathlib.Path, str]]:
+    """``(name, path, description)`` of each ``*.yaml`` in :func:`config_dirs` (first wins)."""
+    seen: dict[str, tuple[str, pathlib.Path, str]] = {}
+    for folder in config_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem in seen:
+                continue
+            try:
+                raw = yaml.safe_load(path.read_text())
+                description = str(raw.get("description", "")) if isinstance(raw, dict) else ""
+            except yaml.YAMLError:
+                description = "(not valid YAML)"
+            seen[path.stem] = (path.stem, path, description)
+    return sorted(seen.values())
+
+
+# ----- the output folder --------------------------------------------------------------------
+def _is_empty_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _replace_previous_run(path: pathlib.Path) -> None:
+    if not (path / _RUN_MARKER).is_file():
+        raise ConfigError(
+            f"output folder {path} is not empty and holds no previous run (no {_RUN_MARKER}); "
+            "refusing to delete it with --overwrite: choose another --out"
+        )
+    shutil.rmtree(path)
+
+
+def output_dir_for(
+    config_name: str,
+    out: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+) -> pathlib.Path:
+    """The folder a run writes to; never one holding a previous run unless ``overwrite``.
+
+    Args:
+        config_name: the config's name.
+        out: an explicit folder (``--out``); default ``runs_dir / config_name``.
+        overwrite: replace a previous run in the chosen folder (only a folder holding a
+            ``config.yaml`` is ever deleted).
+        runs_dir: the parent of default folders.
+
+    Returns:
+        A path that does not exist yet or is an empty folder (nothing is created or deleted
+        here unless ``overwrite`` replaces a previous run).
+
+    Raises:
+        ConfigError: when ``out`` is a file, or is a non-empty folder without ``overwrite``.
+    """
+    if out is not None:
+        path = pathlib.Path(out)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path}: exists and is not a folder")
+        if path.exists() and not _is_empty_dir(path):
+            if not overwrite:
+                raise ConfigError(
+                    f"output folder {path} already exists and is not empty; pass --overwrite "
+                    "to replace the run in it, or choose another --out"
+                )
+            _replace_previous_run(path)
+        return path
+    base = pathlib.Path(runs_dir) / config_name
+    if not base.exists() or _is_empty_dir(base):
+        return base
+    if overwrite:
+        _replace_previous_run(base)
+        return base
+    n = 2
+    while (candidate := base.with_name(f"{base.name}-{n}")).exists() and not _is_empty_dir(candidate):
+        n += 1
+    return candidate
+
+
+class RunOutput:
+    """The output folder of one run: every file of a run is written through it, atomically.
+
+    Args:
+        path: the folder (created if missing).
+
+    Attributes:
+        files: names of the files written so far, in order.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.files: list[str] = []
+
+    def _write(self, name: str, write: Callable[[IO[bytes]], None]) -> pathlib.Path:
+        target = self.path / name
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, target)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+        if name not in self.files:
+            self.files.append(name)
+        return target
+
+    def remove(self) -> None:
+        """Deletes the files written so far, and the folder if that leaves it empty."""
+        for name in self.files:
+            (self.path / name).unlink(missing_ok=True)
+        self.files.clear()
+        if _is_empty_dir(self.path):
+            self.path.rmdir()
+
+    def write_text(self, name: str, text: str) -> pathlib.Path:
+        """Writes a UTF-8 text file."""
+        return self._write(name, lambda h: h.write(text.encode()))
+
+    def write_json(self, name: str, obj: Any) -> pathlib.Path:
+        """Writes ``obj`` as indented JSON (numpy scalars and arrays become numbers/lists)."""
+        return self.write_text(name, json.dumps(obj, indent=2, default=_to_json) + "\n")
+
+    def write_arrays(self, name: str, arrays: Mapping[str, Any]) -> pathlib.Path:
+        """Writes arrays to ``<name>.npz`` (compressed; read back with ``numpy.load``)."""
+
+        def write(handle: IO[bytes]) -> None:
+            np.savez_compressed(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+
+        return self._write(f"{name}.npz", write)
+
+    def save_figure(self, fig: Any, stem: str, *, dpi: float) -> list[pathlib.Path]:
+        """Saves a matplotlib figure as ``<stem>.png`` (at ``dpi``) and ``<stem>.pdf``.
+
+        The PNG is exactly ``figsize * dpi`` pixels (no tight bounding box).
+        """
+        paths = []
+        for fmt in ("png", "pdf"):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=dpi)
+            paths.append(self._write(f"{stem}.{fmt}", lambda h: h.write(buffer.getvalue())))
+        return paths
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----- reports ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunReport:
+    """What an experiment returns to the runner.
+
+    Attributes:
+        summary: JSON-compatible results, written to ``summary.json``.
+        headers: column names of the terminal table.
+        rows: its rows (numbers are formatted with 4 significant digits).
+        notes: lines printed after the table.
+    """
+
+    summary: dict
+    headers: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    notes: Sequence[str] = ()
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned columns."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """A tqdm progress bar on stderr (silent when ``enabled`` is false)."""
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """A finished run: its folder and the contents of its ``summary.json``."""
+
+    path: pathlib.Path
+    summary: dict
+
+
+def run_config(
+    config: Config,
+    *,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    stream: IO[str] | None = None,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+) -> RunOutcome:
+    """Runs a validated config and writes its output folder (see the module docstring).
+
+    Args:
+        config: from :func:`gdlr_jax.experiments.config.load_config`.
+        out: the output folder (default ``runs_dir / config.name``, numbered if taken).
+        overwrite: replace a previous run in ``out``.
+        progress: show progress bars (stderr).
+        stream: where the summary table goes (default stdout).
+        runs_dir: the parent of default output folders.
+
+    Returns:
+        A :class:`RunOutcome`.
+    """
+    stream = sys.stdout if stream is None else stream
+    experiment = get_experiment(config.experiment)
+    path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir)
+    output = RunOutput(path)
+    fingerprint = config.fingerprint
+    output.write_text(_RUN_MARKER, f"# gdlr resolved config; fingerprint {fingerprint}\n" + config.to_yaml())
+    print(f"gdlr: running {config.name} ({config.experiment}) into {path}", file=stream)
+    start = time.perf_counter()
+    try:
+        report = experiment.run(config.params, output, progress=progress)
+    except ConfigError:  # a config found impossible while computing: leave no partial run
+        output.remove()
+        raise
+    summary = {
+        "config": config.name,
+        "experiment": config.experiment,
+        "description": config.description,
+        "fingerprint": fingerprint,
+        "gdlr_jax_version": __version__,
+        "source": str(config.source) if config.source is not None else None,
+        "overrides": list(config.overrides),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "files": output.files + ["summary.json"],
+        **report.summary,
+    }
+    output.write_json("summary.json", summary)
+    print(format_table(report.headers, report.rows), file=stream)
+    for line in report.notes:
+        print(line, file=stream)
+    print(f"gdlr: wrote {len(summary['files'])} files to {path} in {summary['wall_time_s']:.1f} s", file=stream)
+    return RunOutcome(path, summary)

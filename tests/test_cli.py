@@ -1,0 +1,155 @@
+"""The ``gdlr`` command line: help, version, list, errors, output folders, the installed script."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gdlr_jax import __version__
+from gdlr_jax.experiments.cli import main
+from gdlr_jax.experiments.config import ConfigError
+from gdlr_jax.experiments.runner import (
+    RunOutput,
+    find_config,
+    format_table,
+    list_configs,
+    output_dir_for,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+def test_help_explains_commands_and_options(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("run", "list", "--version", "examples:"):
+        assert word in out
+    assert _exit_code(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("CONFIG", "--out DIR", "--overwrite", "--set KEY=VALUE", "--dry-run", "--no-progress"):
+        assert option in out
+    assert "never overwritten silently" in " ".join(out.split())
+
+
+def test_version(capsys):
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"gdlr_jax {__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: gdlr" in capsys.readouterr().out
+
+
+def test_list_shows_shipped_configs_with_descriptions(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs are found beside the package too
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name, path, description in list_configs():
+        assert name in out and description[:30] in out
+    assert "two_neuron " in out
+
+
+def test_bad_config_and_bad_set_exit_2_with_a_message(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "no_such_config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gdlr: error: config not found: no_such_config (shipped configs: ")
+    assert "two_neuron" in err
+    assert main(["run", "--set", "sweep.steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'sweep.steps' has value 0; allowed: an integer >= 1 (from --set sweep.steps)" in err
+    assert main(["run", "--set", "nonsense"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing written before validation passed
+
+
+def test_dry_run_prints_the_resolved_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "two_neuron", "--dry-run", "--set", "sweep.steps=123"]) == 0
+    out = capsys.readouterr().out
+    assert "# output folder: runs/two_neuron" in out
+    assert "steps: 123" in out and "experiment: two_neuron" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_find_config_by_name_path_and_suffix(tmp_path):
+    shipped = find_config("two_neuron")
+    assert shipped.name == "two_neuron.yaml" and shipped.is_file()
+    assert find_config("two_neuron.yaml") == shipped
+    own = tmp_path / "mine.yaml"
+    own.write_text("experiment: two_neuron\n")
+    assert find_config(own) == own
+    with pytest.raises(ConfigError, match="config not found: "):
+        find_config(tmp_path / "missing.yaml")
+
+
+def test_default_output_folder_is_numbered_when_taken(tmp_path):
+    runs = tmp_path / "runs"
+    first = output_dir_for("tn", runs_dir=runs)
+    assert first == runs / "tn"
+    RunOutput(first).write_text("config.yaml", "experiment: two_neuron\n")
+    second = output_dir_for("tn", runs_dir=runs)
+    assert second == runs / "tn-2"
+    RunOutput(second).write_text("config.yaml", "x\n")
+    assert output_dir_for("tn", runs_dir=runs) == runs / "tn-3"
+    # an empty folder is reused
+    (runs / "tn-3").mkdir()
+    assert output_dir_for("tn", runs_dir=runs) == runs / "tn-3"
+    # --overwrite replaces the previous run in the default folder
+    assert output_dir_for("tn", overwrite=True, runs_dir=runs) == runs / "tn"
+    assert not (runs / "tn").exists()
+
+
+def test_explicit_out_is_never_overwritten_silently(tmp_path):
+    out = tmp_path / "out"
+    assert output_dir_for("tn", out) == out
+    RunOutput(out).write_text("config.yaml", "experiment: two_neuron\n")
+    with pytest.raises(ConfigError, match=r"output folder .*out already exists and is not empty; pass --overwrite"):
+        output_dir_for("tn", out)
+    assert output_dir_for("tn", out, overwrite=True) == out and not out.exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match=r"holds no previous run \(no config.yaml\); refusing to delete"):
+        output_dir_for("tn", foreign, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        output_dir_for("tn", a_file)
+
+
+def test_run_output_writes_atomically(tmp_path):
+    output = RunOutput(tmp_path / "o")
+    output.write_json("a.json", {"x": 1})
+    output.write_arrays("r", {"v": [1, 2]})
+    assert output.files == ["a.json", "r.npz"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.json", "r.npz"]  # no temp files
+
+
+def test_format_table():
+    text = format_table(["eta", "share"], [[0.1, 0.123456], [1.0, 0]])
+    assert text.splitlines() == ["eta   share", "---  ------", "0.1  0.1235", "  1       0"]
+
+
+@pytest.mark.skipif(shutil.which("gdlr", path=str(pathlib.Path(sys.executable).parent)) is None,
+                    reason="the gdlr script is not installed in this environment")
+def test_installed_script(tmp_path):
+    gdlr = shutil.which("gdlr", path=str(pathlib.Path(sys.executable).parent))
+    done = subprocess.run([gdlr, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"gdlr_jax {__version__}"
+    done = subprocess.run([gdlr, "run", "--set", "basin.eta=-1"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "config key 'basin.eta' has value -1; allowed: a finite number > 0" in done.stderr
