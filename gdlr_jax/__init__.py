@@ -35,7 +35,32 @@ from gdlr_jax._critical_step_size import CriticalStepSize as CriticalStepSize
 from gdlr_jax._critical_step_size import critical_step_size as critical_step_size
 
 # --- matrix-free curvature (layer 2, issue 6) ---
+from gdlr_jax._hvp import hvp as hvp
+from gdlr_jax._hvp import hessian_matvec as hessian_matvec
+from gdlr_jax._lanczos import LanczosResult as LanczosResult
+from gdlr_jax._lanczos import lanczos as lanczos
+from gdlr_jax._extreme_eigenvalues import GdMapSpectrum as GdMapSpectrum
+from gdlr_jax._extreme_eigenvalues import bottom_eigenvalues as bottom_eigenvalues
+from gdlr_jax._extreme_eigenvalues import gd_map_spectrum as gd_map_spectrum
+from gdlr_jax._extreme_eigenvalues import (
+    smallest_nonzero_eigenvalue as smallest_nonzero_eigenvalue,
+)
+from gdlr_jax._extreme_eigenvalues import top_eigenvalues as top_eigenvalues
+from gdlr_jax._spectral_density import SpectralQuadrature as SpectralQuadrature
+from gdlr_jax._spectral_density import log_spectral_density as log_spectral_density
+from gdlr_jax._spectral_density import spectral_density as spectral_density
+from gdlr_jax._spectral_density import (
+    stochastic_lanczos_quadrature as stochastic_lanczos_quadrature,
+)
 
 # --- engine (layer 4, issue 3) ---
+from gdlr_jax._minibatches import Minibatches as Minibatches
+from gdlr_jax._sweep import SweepChunk as SweepChunk
+from gdlr_jax._sweep import SweepPlan as SweepPlan
+from gdlr_jax._sweep import SweepResult as SweepResult
+from gdlr_jax._sweep import plan_sweep as plan_sweep
+from gdlr_jax._sweep import sweep as sweep
+from gdlr_jax._trajectory_status import ConvergenceCriteria as ConvergenceCriteria
+from gdlr_jax._trajectory_status import TrajectoryStatus as TrajectoryStatus
 
 __version__ = "0.1.0"

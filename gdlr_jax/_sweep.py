@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
@@ -54,6 +55,7 @@ from gdlr_jax._trajectory_status import (
     TrajectoryStatus,
     classify_evaluation,
     orbit_summary,
+    sum_last_axis,
     within_bound,
 )
 
@@ -62,24 +64,18 @@ LossFn = Callable[..., Float[Array, ""]]
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 _LANES = "lanes"  # the mesh axis along which trajectories are sharded
-_REPLAY_BLOCK = 1024  # diverged trajectories replayed together (see _pinpoint_divergence)
+_REPLAY_BLOCK = 4096  # diverged trajectories replayed together (see _pinpoint_divergence)
+# On CPU, chunks of at most this many trajectories per device: their state stays in cache,
+# which ran ~1.5x faster than 4x larger chunks in benchmarks/bench_sweep.py (docs/engine.md).
+_CPU_LANES_PER_DEVICE = 16384
 _RUNNING = TrajectoryStatus.NOT_CONVERGED  # the status of a trajectory still being stepped
-_SUMMARY_FIELDS = (
-    "status",
-    "steps_taken",
-    "final_loss",
-    "final_grad_norm",
-    "asymptotic_step_norm",
-    "min_loss",
-    "period",
-)
 
 
 # ----------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------
 class SweepResult(NamedTuple):
-    """What happened to every trajectory of a sweep (a pytree; arrays on the default device).
+    """What happened to every trajectory of a sweep (a pytree of host NumPy arrays).
 
     Attributes:
         etas: the step sizes ``(n_eta,)``.
@@ -107,25 +103,25 @@ class SweepResult(NamedTuple):
             only with ``record_params=True``.
     """
 
-    etas: Float[Array, " n_eta"]
-    status: Int[Array, "n_eta n_init"]
-    steps_taken: Int[Array, "n_eta n_init"]
-    final_loss: Float[Array, "n_eta n_init"]
-    final_grad_norm: Float[Array, "n_eta n_init"]
-    asymptotic_step_norm: Float[Array, "n_eta n_init"]
-    min_loss: Float[Array, "n_eta n_init"]
-    period: Int[Array, "n_eta n_init"]
+    etas: Float[np.ndarray, " n_eta"]
+    status: Int[np.ndarray, "n_eta n_init"]
+    steps_taken: Int[np.ndarray, "n_eta n_init"]
+    final_loss: Float[np.ndarray, "n_eta n_init"]
+    final_grad_norm: Float[np.ndarray, "n_eta n_init"]
+    asymptotic_step_norm: Float[np.ndarray, "n_eta n_init"]
+    min_loss: Float[np.ndarray, "n_eta n_init"]
+    period: Int[np.ndarray, "n_eta n_init"]
     final_params: PyTree
-    record_steps: Int[Array, " n_rec"] | None = None
-    recorded_loss: Float[Array, "n_eta n_init n_rec"] | None = None
-    recorded_step_norm: Float[Array, "n_eta n_init n_rec"] | None = None
+    record_steps: Int[np.ndarray, " n_rec"] | None = None
+    recorded_loss: Float[np.ndarray, "n_eta n_init n_rec"] | None = None
+    recorded_step_norm: Float[np.ndarray, "n_eta n_init n_rec"] | None = None
     recorded_params: PyTree | None = None
 
-    def fraction(self, status: TrajectoryStatus | int) -> Float[Array, " n_eta"]:
+    def fraction(self, status: TrajectoryStatus | int) -> Float[np.ndarray, " n_eta"]:
         """Fraction of the initialisations with the given status, per step size."""
-        return jnp.mean(self.status == int(status), axis=1)
+        return np.mean(self.status == int(status), axis=1)
 
-    def converged_fraction(self) -> Float[Array, " n_eta"]:
+    def converged_fraction(self) -> Float[np.ndarray, " n_eta"]:
         """Fraction of the initialisations that converged to a minimum, per step size."""
         return self.fraction(TrajectoryStatus.CONVERGED_MINIMUM)
 
@@ -186,10 +182,57 @@ class _EngineConfig:
         return 0 if self.record_every is None else self.steps // self.record_every + 1
 
 
+class _Problem(NamedTuple):
+    """The objective of one trajectory over its flat parameter vector ``theta (d,)``."""
+
+    config: _EngineConfig
+    unravel: Callable[[Float[Array, " d"]], PyTree]
+    data: PyTree | None
+
+    def loss(self, theta: Float[Array, " d"], batch: PyTree | None = None) -> Float[Array, ""]:
+        args = () if batch is None else (batch,)
+        return self.config.loss_fn(self.unravel(theta), *args)
+
+    def step(
+        self,
+        theta: Float[Array, " d"],
+        opt_state: PyTree,
+        eta: Float[Array, ""],
+        batch: PyTree | None,
+    ) -> tuple[Float[Array, " d"], PyTree]:
+        """One step: ``theta - eta * grad L(theta)`` or the optax update (on the pytree)."""
+        grad = jax.grad(self.loss)(theta, batch)
+        factory = self.config.optimizer
+        if factory is None:
+            return theta - eta * grad, opt_state
+        params = self.unravel(theta)
+        updates, opt_state = _transform(factory, eta).update(
+            self.unravel(grad), opt_state, params
+        )
+        return ravel_pytree(optax.apply_updates(params, updates))[0], opt_state
+
+    def init_optimizer(self, theta: Float[Array, " d"], eta: Float[Array, ""]) -> PyTree:
+        if self.config.optimizer is None:
+            return ()
+        return _transform(self.config.optimizer, eta).init(self.unravel(theta))
+
+    def evaluate(
+        self, theta: Float[Array, " d"]
+    ) -> tuple[Float[Array, ""], Float[Array, ""], Bool[Array, ""]]:
+        """Full-batch loss, gradient norm and bound check."""
+        if self.data is None:
+            loss, grad = jax.value_and_grad(self.loss)(theta)
+        else:
+            source = Minibatches(self.data, self.config.batch_size)
+            loss, grad = full_batch_value_and_grad(self.loss, theta, source)
+        grad_norm = jnp.sqrt(sum_last_axis(jnp.square(grad)))
+        return loss, grad_norm, within_bound(theta, self.config.criteria.divergence_bound)
+
+
 class _Lanes(NamedTuple):
     """State of the ``m`` trajectories (lanes) of one device during a sweep."""
 
-    params: PyTree  # leaves (m, ...)
+    theta: Float[Array, "m d"]
     opt_state: PyTree  # leaves (m, ...)
     status: Int[Array, " m"]
     steps_taken: Int[Array, " m"]
@@ -199,7 +242,7 @@ class _Lanes(NamedTuple):
     min_loss: Float[Array, " m"]
     recorded_loss: Float[Array, "m n_rec"] | None
     recorded_step_norm: Float[Array, "m n_rec"] | None
-    recorded_params: PyTree | None  # leaves (m, n_rec, ...)
+    recorded_theta: Float[Array, "m n_rec d"] | None
 
 
 class _LaneResults(NamedTuple):
@@ -221,41 +264,6 @@ def _transform(factory: OptimizerFactory, eta: Float[Array, ""]) -> optax.Gradie
     return optax.inject_hyperparams(factory)(learning_rate=eta)
 
 
-def _init_optimizer(config: _EngineConfig, params: PyTree, eta: Float[Array, ""]) -> PyTree:
-    if config.optimizer is None:
-        return ()
-    return _transform(config.optimizer, eta).init(params)
-
-
-def _step(
-    config: _EngineConfig,
-    params: PyTree,
-    opt_state: PyTree,
-    eta: Float[Array, ""],
-    batch: PyTree | None,
-) -> tuple[PyTree, PyTree]:
-    """One step of one trajectory: ``theta - eta * grad L`` or the optax update."""
-    args = () if batch is None else (batch,)
-    grads = jax.grad(config.loss_fn)(params, *args)
-    if config.optimizer is None:
-        return jax.tree_util.tree_map(lambda p, g: p - eta * g, params, grads), opt_state
-    updates, opt_state = _transform(config.optimizer, eta).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
-def _evaluate(
-    config: _EngineConfig, params: PyTree, data: PyTree | None
-) -> tuple[Float[Array, ""], Float[Array, ""], Bool[Array, ""]]:
-    """Full-batch loss, gradient norm and bound check of one trajectory."""
-    if data is None:
-        loss, grads = jax.value_and_grad(config.loss_fn)(params)
-    else:
-        source = Minibatches(data, config.batch_size)
-        loss, grads = full_batch_value_and_grad(config.loss_fn, params, source)
-    bounded = within_bound(params, config.criteria.divergence_bound)
-    return loss, optax.global_norm(grads), bounded
-
-
 def _select(mask: Bool[Array, " m"], on_true: PyTree, on_false: PyTree) -> PyTree:
     """Per-lane ``where`` over pytrees whose leaves have the lane axis first."""
 
@@ -265,32 +273,45 @@ def _select(mask: Bool[Array, " m"], on_true: PyTree, on_false: PyTree) -> PyTre
     return jax.tree_util.tree_map(pick, on_true, on_false)
 
 
-def _batch_axis(config: _EngineConfig) -> int | None:
-    return None if config.same_batches else 0
-
-
 def _advance(
-    config: _EngineConfig,
-    params: PyTree,
+    problem: _Problem,
+    theta: Float[Array, "m d"],
     opt_state: PyTree,
     etas: Float[Array, " m"],
+    running: Bool[Array, " m"],
     keys: PRNGKeyArray | None,
-    data: PyTree | None,
     t0: Int[Array, ""],
     t1: Int[Array, ""],
-    history: PyTree | None,
-) -> tuple[PyTree, PyTree, PyTree | None]:
-    """Steps every lane from time ``t0`` to ``t1``, with no per-step bookkeeping.
+    history: Float[Array, "w m d"] | None,
+) -> tuple[Float[Array, "m d"], PyTree, Float[Array, "w m d"] | None]:
+    """Steps the running lanes from time ``t0`` to ``t1``; the others stay where they are.
 
-    With ``history`` (leaves ``(W + 1, m, ...)``), also stores ``theta_t`` at index
+    Full-batch plain GD freezes a finished lane by giving it the step size 0: ``theta - 0 *
+    grad L(theta) = theta`` exactly, because a lane is only frozen at an iterate where its
+    gradient was found finite (lanes that start outside the bound are restored at the end), so
+    a step carries no masking at all. With minibatches or an optax optimiser, each step keeps
+    the previous state of finished lanes (``where``).
+
+    With ``history`` (``(W, m, d)``), also stores ``theta_t`` at index
     ``t - (steps - W)`` for each ``t`` in ``[t0, t1)``.
     """
+    config = problem.config
     window_start = config.steps - config.window
-    if data is None:
-        step = jax.vmap(lambda p, o, e: _step(config, p, o, e, None))
-    else:
-        step = jax.vmap(functools.partial(_step, config), in_axes=(0, 0, 0, _batch_axis(config)))
-        source = Minibatches(data, config.batch_size)
+    plain_gd = config.optimizer is None and problem.data is None
+    if plain_gd:
+        etas = jnp.where(running, etas, 0)
+
+    def lane_step(theta, opt_state, eta, run, batch):
+        new_theta, new_opt_state = problem.step(theta, opt_state, eta, batch)
+        if plain_gd:
+            return new_theta, new_opt_state
+        keep = functools.partial(jnp.where, run)
+        return keep(new_theta, theta), jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+
+    batch_axis = None if problem.data is None or config.same_batches else 0
+    step = jax.vmap(lane_step, in_axes=(0, 0, 0, 0, batch_axis))
+    if problem.data is not None:
+        source = Minibatches(problem.data, config.batch_size)
         shuffle = functools.partial(epoch_permutation, source)
         draw = functools.partial(minibatch, source)
         if not config.same_batches:
@@ -298,29 +319,25 @@ def _advance(
             draw = jax.vmap(draw, in_axes=(0, None))
 
     def body(t, carry):
-        params, opt_state, permutation, history = carry
+        theta, opt_state, permutation, history = carry
         if history is not None:
-            history = jax.tree_util.tree_map(
-                lambda h, p: lax.dynamic_update_index_in_dim(h, p, t - window_start, 0),
-                history,
-                params,
-            )
-        if data is None:
-            params, opt_state = step(params, opt_state, etas)
-        else:
+            history = lax.dynamic_update_index_in_dim(history, theta, t - window_start, 0)
+        batch = None
+        if problem.data is not None:
             permutation = lax.cond(
                 t % source.steps_per_epoch == 0,
                 lambda: shuffle(keys, t),
                 lambda: permutation,
             )
-            params, opt_state = step(params, opt_state, etas, draw(permutation, t))
-        return params, opt_state, permutation, history
+            batch = draw(permutation, t)
+        theta, opt_state = step(theta, opt_state, etas, running, batch)
+        return theta, opt_state, permutation, history
 
-    permutation = None if data is None else shuffle(keys, t0)
-    params, opt_state, _, history = lax.fori_loop(
-        t0, t1, body, (params, opt_state, permutation, history)
+    permutation = None if problem.data is None else shuffle(keys, t0)
+    theta, opt_state, _, history = lax.fori_loop(
+        t0, t1, body, (theta, opt_state, permutation, history)
     )
-    return params, opt_state, history
+    return theta, opt_state, history
 
 
 def _next_evaluation(config: _EngineConfig, t: Int[Array, ""]) -> Int[Array, ""]:
@@ -352,30 +369,26 @@ def _record(
         return lanes
 
     def write(lanes):
-        slot = t // config.record_every
-        put = functools.partial(lax.dynamic_update_index_in_dim, index=slot, axis=1)
+        put = functools.partial(
+            lax.dynamic_update_index_in_dim, index=t // config.record_every, axis=1
+        )
         return lanes._replace(
             recorded_loss=put(lanes.recorded_loss, loss),
             recorded_step_norm=put(lanes.recorded_step_norm, step_norm),
-            recorded_params=(
-                jax.tree_util.tree_map(put, lanes.recorded_params, lanes.params)
-                if config.record_params
-                else None
+            recorded_theta=(
+                put(lanes.recorded_theta, lanes.theta) if config.record_params else None
             ),
         )
 
     return lax.cond(t % config.record_every == 0, write, lambda lanes: lanes, lanes)
 
 
-def _start(
-    config: _EngineConfig, params: PyTree, etas: Float[Array, " m"], data: PyTree | None
-) -> _Lanes:
+def _start(problem: _Problem, theta: Float[Array, "m d"], etas: Float[Array, " m"]) -> _Lanes:
     """Lanes at time 0: optimiser states, first evaluation, recordings allocated."""
-    m, n_rec = etas.shape[0], config.num_records
-    opt_state = jax.vmap(functools.partial(_init_optimizer, config))(params, etas)
-    loss, grad_norm, bounded = jax.vmap(
-        functools.partial(_evaluate, config), in_axes=(0, None)
-    )(params, data)
+    config = problem.config
+    (m, d), n_rec = theta.shape, config.num_records
+    opt_state = jax.vmap(problem.init_optimizer)(theta, etas)
+    loss, grad_norm, bounded = jax.vmap(problem.evaluate)(theta)
     status, _, _ = classify_evaluation(
         jnp.zeros(m, jnp.int32),
         loss,
@@ -390,117 +403,152 @@ def _start(
         recordings = (
             jnp.zeros((m, n_rec), loss.dtype),
             jnp.zeros((m, n_rec), loss.dtype),
-            jax.tree_util.tree_map(
-                lambda p: jnp.zeros((m, n_rec) + p.shape[1:], p.dtype), params
-            )
-            if config.record_params
-            else None,
+            jnp.zeros((m, n_rec, d), theta.dtype) if config.record_params else None,
         )
-    finite = bounded & jnp.isfinite(loss)
     lanes = _Lanes(
-        params=params,
+        theta=theta,
         opt_state=opt_state,
         status=status,
         steps_taken=jnp.zeros(m, jnp.int32),
         detected_at=jnp.zeros(m, jnp.int32),
         final_loss=loss,
         final_grad_norm=grad_norm,
-        min_loss=jnp.where(finite, loss, jnp.inf),
+        min_loss=jnp.where(bounded & jnp.isfinite(loss), loss, jnp.inf),
         recorded_loss=recordings[0],
         recorded_step_norm=recordings[1],
-        recorded_params=recordings[2],
+        recorded_theta=recordings[2],
     )
     return _record(config, lanes, jnp.int32(0), loss, etas * grad_norm)
 
 
 def _evaluate_and_freeze(
-    config: _EngineConfig,
+    problem: _Problem,
     lanes: _Lanes,
-    params: PyTree,
+    theta: Float[Array, "m d"],
     opt_state: PyTree,
     etas: Float[Array, " m"],
-    data: PyTree | None,
     t0: Int[Array, ""],
     t1: Int[Array, ""],
 ) -> _Lanes:
-    """Evaluates the lanes stepped from ``t0`` to ``t1`` and updates their status.
+    """Evaluates the lanes stepped from ``t0`` to ``t1`` and settles those that finished.
 
-    Lanes finished before ``t0`` keep their frozen state; lanes found diverged at ``t1`` are
-    rolled back to their state at ``t0`` (inside the bound).
+    A lane found converged keeps its iterate at ``t1``; a lane found diverged is rolled back to
+    its iterate at ``t0`` (inside the bound). Lanes still running at ``t1 = steps`` are settled
+    too. The per-lane bookkeeping is only rewritten when some lane settles (``lax.cond``), so
+    an evaluation at which nothing happens costs little more than the loss and gradient.
     """
+    config = problem.config
     running = lanes.status == _RUNNING
-    params = _select(running, params, lanes.params)
-    opt_state = _select(running, opt_state, lanes.opt_state)
-    loss, grad_norm, bounded = jax.vmap(
-        functools.partial(_evaluate, config), in_axes=(0, None)
-    )(params, data)
-    status, diverged_now, _ = classify_evaluation(
+    loss, grad_norm, bounded = jax.vmap(problem.evaluate)(theta)
+    status, diverged_now, converged_now = classify_evaluation(
         lanes.status, loss, grad_norm, bounded, etas, config.criteria, config.min_loss_value
     )
-    valid = running & ~diverged_now
-    lanes = lanes._replace(
-        params=_select(diverged_now, lanes.params, params),
-        opt_state=_select(diverged_now, lanes.opt_state, opt_state),
-        status=status,
-        steps_taken=jnp.where(diverged_now, t0, jnp.where(running, t1, lanes.steps_taken)),
-        detected_at=jnp.where(diverged_now, t1, lanes.detected_at),
-        final_loss=jnp.where(valid, loss, lanes.final_loss),
-        final_grad_norm=jnp.where(valid, grad_norm, lanes.final_grad_norm),
-        min_loss=jnp.where(valid, jnp.minimum(lanes.min_loss, loss), lanes.min_loss),
+    alive = running & ~diverged_now
+    settled = converged_now | (alive & (t1 == config.steps))
+    stepped = lanes._replace(
+        theta=theta,
+        opt_state=opt_state,
+        min_loss=jnp.where(alive, jnp.minimum(lanes.min_loss, loss), lanes.min_loss),
     )
-    return _record(config, lanes, t1, loss, etas * grad_norm)
+    stepped = _record(config, stepped, t1, loss, etas * grad_norm)
+
+    def settle(stepped):
+        return stepped._replace(
+            theta=_select(diverged_now, lanes.theta, theta),
+            opt_state=_select(diverged_now, lanes.opt_state, opt_state),
+            status=status,
+            steps_taken=jnp.where(
+                diverged_now, t0, jnp.where(settled, t1, lanes.steps_taken)
+            ),
+            detected_at=jnp.where(diverged_now, t1, lanes.detected_at),
+            final_loss=jnp.where(settled, loss, lanes.final_loss),
+            final_grad_norm=jnp.where(settled, grad_norm, lanes.final_grad_norm),
+        )
+
+    return lax.cond(jnp.any(diverged_now | settled), settle, lambda s: s, stepped)
+
+
+def _run_phase(
+    problem: _Problem,
+    lanes: _Lanes,
+    t: Int[Array, ""],
+    stop: int,
+    history: Float[Array, "w m d"] | None,
+    etas: Float[Array, " m"],
+    keys: PRNGKeyArray | None,
+) -> tuple[Int[Array, ""], _Lanes, Float[Array, "w m d"] | None]:
+    """Advances the lanes from ``t`` from evaluation to evaluation until ``stop``, or until
+    none of them is running (early exit). With ``history`` (the final window), records the
+    iterates into it."""
+
+    def unfinished(carry):
+        t, lanes, _ = carry
+        return (t < stop) & jnp.any(lanes.status == _RUNNING)
+
+    def chunk(carry):
+        t0, lanes, history = carry
+        t1 = _next_evaluation(problem.config, t0)
+        running = lanes.status == _RUNNING
+        theta, opt_state, history = _advance(
+            problem, lanes.theta, lanes.opt_state, etas, running, keys, t0, t1, history
+        )
+        lanes = _evaluate_and_freeze(problem, lanes, theta, opt_state, etas, t0, t1)
+        return t1, lanes, history
+
+    return lax.while_loop(unfinished, chunk, (t, lanes, history))
 
 
 def _pinpoint_divergence(
-    config: _EngineConfig,
+    problem: _Problem,
     lanes: _Lanes,
     etas: Float[Array, " m"],
     keys: PRNGKeyArray | None,
-    data: PyTree | None,
 ) -> _Lanes:
     """Replays each diverged lane from its rollback point to its exact last in-bound iterate.
 
     A lane found diverged at evaluation time ``t1`` was rolled back to its iterate at the
     previous evaluation ``t0``; it is stepped again from ``t0``, one checked step at a time, and
     stopped before the first step that leaves the bound (or at ``t1``). Only the diverged lanes
-    are replayed: they are gathered into blocks of up to ``_REPLAY_BLOCK`` lanes, so the cost
+    are replayed: they are packed into blocks of up to ``_REPLAY_BLOCK`` lanes, so the cost
     is proportional to their number.
     """
+    config = problem.config
     m = etas.shape[0]
     block = min(_REPLAY_BLOCK, m)
     pending = (lanes.status == TrajectoryStatus.DIVERGED) & (
         lanes.detected_at > lanes.steps_taken
     )
-    count = jnp.sum(pending)
-    order = jnp.argsort(~pending, stable=True)  # pending lanes first
+    count = jnp.sum(pending, dtype=jnp.int32)
+    slot = jnp.where(pending, jnp.cumsum(pending, dtype=jnp.int32) - 1, m)
+    order = jnp.zeros(m, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
     bound = config.criteria.divergence_bound
 
-    def replay(params, opt_state, eta, start, stop, key):
+    def replay(theta, opt_state, eta, start, stop, key):
         def running(carry):
             _, _, t, alive = carry
             return alive & (t < stop)
 
         def step(carry):
-            params, opt_state, t, _ = carry
+            theta, opt_state, t, _ = carry
             batch = None
-            if data is not None:
-                source = Minibatches(data, config.batch_size)
+            if problem.data is not None:
+                source = Minibatches(problem.data, config.batch_size)
                 batch = minibatch(source, epoch_permutation(source, key, t), t)
-            new_params, new_opt_state = _step(config, params, opt_state, eta, batch)
-            inside = within_bound(new_params, bound)
+            new_theta, new_opt_state = problem.step(theta, opt_state, eta, batch)
+            inside = within_bound(new_theta, bound)
             keep = functools.partial(jnp.where, inside)
             return (
-                jax.tree_util.tree_map(keep, new_params, params),
+                keep(new_theta, theta),
                 jax.tree_util.tree_map(keep, new_opt_state, opt_state),
                 t + inside.astype(t.dtype),
                 inside,
             )
 
-        params, opt_state, t, _ = lax.while_loop(
-            running, step, (params, opt_state, start, jnp.bool_(True))
+        theta, opt_state, t, _ = lax.while_loop(
+            running, step, (theta, opt_state, start, jnp.bool_(True))
         )
-        loss, grad_norm, _ = _evaluate(config, params, data)
-        return params, opt_state, t, loss, grad_norm
+        loss, grad_norm, _ = problem.evaluate(theta)
+        return theta, opt_state, t, loss, grad_norm
 
     key_axis = None if keys is None or config.same_batches else 0
     replay_block = jax.vmap(replay, in_axes=(0, 0, 0, 0, 0, key_axis))
@@ -512,8 +560,8 @@ def _pinpoint_divergence(
         position = first + jnp.arange(block)
         valid = (position >= b * block) & (position < count)
         take = functools.partial(jnp.take, indices=index, axis=0)
-        params, opt_state, t, loss, grad_norm = replay_block(
-            jax.tree_util.tree_map(take, lanes.params),
+        theta, opt_state, t, loss, grad_norm = replay_block(
+            take(lanes.theta),
             jax.tree_util.tree_map(take, lanes.opt_state),
             take(etas),
             take(lanes.steps_taken),
@@ -524,21 +572,23 @@ def _pinpoint_divergence(
         def put(old, new):
             return old.at[index].set(_select(valid, new, take(old)))
 
-        finite = jnp.isfinite(loss)
+        old_min = take(lanes.min_loss)
         lanes = lanes._replace(
-            params=jax.tree_util.tree_map(put, lanes.params, params),
+            theta=put(lanes.theta, theta),
             opt_state=jax.tree_util.tree_map(put, lanes.opt_state, opt_state),
             steps_taken=put(lanes.steps_taken, t),
             final_loss=put(lanes.final_loss, loss),
             final_grad_norm=put(lanes.final_grad_norm, grad_norm),
             min_loss=put(
                 lanes.min_loss,
-                jnp.where(finite, jnp.minimum(take(lanes.min_loss), loss), take(lanes.min_loss)),
+                jnp.where(jnp.isfinite(loss), jnp.minimum(old_min, loss), old_min),
             ),
         )
         return b + 1, lanes
 
-    _, lanes = lax.while_loop(lambda carry: carry[0] * block < count, body, (0, lanes))
+    _, lanes = lax.while_loop(
+        lambda carry: carry[0] * block < count, body, (jnp.int32(0), lanes)
+    )
     return lanes
 
 
@@ -556,43 +606,10 @@ def _fill_recordings(config: _EngineConfig, lanes: _Lanes, etas: Float[Array, " 
     return lanes._replace(
         recorded_loss=fill(lanes.recorded_loss, lanes.final_loss),
         recorded_step_norm=fill(lanes.recorded_step_norm, etas * lanes.final_grad_norm),
-        recorded_params=(
-            jax.tree_util.tree_map(fill, lanes.recorded_params, lanes.params)
-            if config.record_params
-            else None
+        recorded_theta=(
+            fill(lanes.recorded_theta, lanes.theta) if config.record_params else None
         ),
     )
-
-
-def _run_phase(
-    config: _EngineConfig,
-    lanes: _Lanes,
-    t: Int[Array, ""],
-    stop: int,
-    history: PyTree | None,
-    *,
-    etas: Float[Array, " m"],
-    keys: PRNGKeyArray | None,
-    data: PyTree | None,
-) -> tuple[Int[Array, ""], _Lanes, PyTree | None]:
-    """Advances the lanes from ``t`` from evaluation to evaluation until ``stop``, or until
-    none of them is running (early exit). With ``history`` (the final window), records the
-    iterates into it."""
-
-    def unfinished(carry):
-        t, lanes, _ = carry
-        return (t < stop) & jnp.any(lanes.status == _RUNNING)
-
-    def chunk(carry):
-        t0, lanes, history = carry
-        t1 = _next_evaluation(config, t0)
-        params, opt_state, history = _advance(
-            config, lanes.params, lanes.opt_state, etas, keys, data, t0, t1, history
-        )
-        lanes = _evaluate_and_freeze(config, lanes, params, opt_state, etas, data, t0, t1)
-        return t1, lanes, history
-
-    return lax.while_loop(unfinished, chunk, (t, lanes, history))
 
 
 def _run_lanes(
@@ -603,29 +620,30 @@ def _run_lanes(
     data: PyTree | None,
 ) -> _LaneResults:
     """Runs the ``m`` trajectories of one device to the end and summarises them."""
+    unravel = ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))[1]
+    problem = _Problem(config, unravel, data)
+    theta = jax.vmap(lambda p: ravel_pytree(p)[0])(params)  # (m, d)
     window = config.window
-    window_start = config.steps - window
-    lanes = _start(config, params, etas, data)
-    run = functools.partial(_run_phase, config, etas=etas, keys=keys, data=data)
-    t, lanes, _ = run(lanes, jnp.int32(0), window_start, None)
-    history = jax.tree_util.tree_map(
-        lambda p: jnp.zeros((window + 1,) + p.shape, p.dtype), params
+    lanes = _start(problem, theta, etas)
+    t, lanes, _ = _run_phase(
+        problem, lanes, jnp.int32(0), config.steps - window, None, etas, keys
     )
-    _, lanes, history = run(lanes, t, config.steps, history)
+    history = jnp.zeros((window,) + theta.shape, theta.dtype)
+    _, lanes, history = _run_phase(problem, lanes, t, config.steps, history, etas, keys)
 
+    diverged_at_start = (lanes.status == TrajectoryStatus.DIVERGED) & (lanes.detected_at == 0)
+    lanes = lanes._replace(theta=_select(diverged_at_start, theta, lanes.theta))
     still_running = lanes.status == _RUNNING
-    history = jax.tree_util.tree_map(
-        lambda h, p: h.at[window].set(p), history, lanes.params
-    )
     max_period = min(config.criteria.max_period, window // 2)
     period, mean_step = jax.vmap(
-        lambda h: orbit_summary(h, max_period, config.criteria.period_tol), in_axes=1
-    )(history)
+        lambda h, final: orbit_summary(h, final, max_period, config.criteria.period_tol),
+        in_axes=(1, 0),
+    )(history, lanes.theta)
     period = jnp.where(still_running, period, 0)
     status = jnp.where(
         still_running & (period > 0), jnp.int32(TrajectoryStatus.PERIODIC), lanes.status
     )
-    lanes = _pinpoint_divergence(config, lanes._replace(status=status), etas, keys, data)
+    lanes = _pinpoint_divergence(problem, lanes._replace(status=status), etas, keys)
     lanes = _fill_recordings(config, lanes, etas)
     diverged = lanes.status == TrajectoryStatus.DIVERGED
     asymptotic = jnp.where(
@@ -633,6 +651,9 @@ def _run_lanes(
         mean_step,
         jnp.where(diverged, jnp.inf, etas * lanes.final_grad_norm),
     )
+    recorded_params = None
+    if config.record_params:
+        recorded_params = jax.vmap(jax.vmap(unravel))(lanes.recorded_theta)
     return _LaneResults(
         status=lanes.status,
         steps_taken=lanes.steps_taken,
@@ -641,38 +662,53 @@ def _run_lanes(
         asymptotic_step_norm=asymptotic.astype(lanes.final_loss.dtype),
         min_loss=lanes.min_loss,
         period=period.astype(jnp.int32),
-        final_params=lanes.params,
+        final_params=jax.vmap(unravel)(lanes.theta),
         recorded_loss=lanes.recorded_loss,
         recorded_step_norm=lanes.recorded_step_norm,
-        recorded_params=lanes.recorded_params,
+        recorded_params=recorded_params,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "lanes_per_device"))
 def _run_sharded(
-    params: PyTree,
-    etas: Float[Array, " m"],
+    params0: PyTree,
+    etas: Float[Array, " n_eta"],
     keys: PRNGKeyArray | None,
     data: PyTree | None,
+    start: Int[Array, ""],
     *,
     config: _EngineConfig,
     mesh: Mesh,
+    lanes_per_device: int,
 ) -> _LaneResults:
-    """:func:`_run_lanes` with the lanes split over the devices of ``mesh``.
+    """Runs the trajectories ``start, start + 1, ...`` of the flattened grid on ``mesh``.
 
-    Each device runs its own lanes and stops on its own (no communication between devices);
-    a lane's results do not depend on which device runs it.
+    Every device gathers its ``lanes_per_device`` trajectories (``k = i * n_init + j``; past
+    the end of the grid the last one is repeated) from the replicated ``params0 (n_init, ...)``
+    and ``etas``, runs them with :func:`_run_lanes` and stops on its own: devices do not
+    communicate, so a trajectory's results do not depend on the device count. ``start`` is
+    traced: all chunks share one compilation.
     """
-    lane, replicated = PartitionSpec(_LANES), PartitionSpec()
-    key_spec = replicated if config.same_batches else lane
+    n_init = jax.tree_util.tree_leaves(params0)[0].shape[0]
+    total = etas.shape[0] * n_init
+
+    def run_device(params0, etas, keys, data, start):
+        first = start + lax.axis_index(_LANES) * lanes_per_device
+        flat = jnp.minimum(first + jnp.arange(lanes_per_device), total - 1)
+        init_index = flat % n_init
+        params = jax.tree_util.tree_map(lambda x: x[init_index], params0)
+        lane_keys = keys if config.same_batches or keys is None else keys[init_index]
+        return _run_lanes(config, params, etas[flat // n_init], lane_keys, data)
+
+    replicated = PartitionSpec()
     run = jax.shard_map(
-        functools.partial(_run_lanes, config),
+        run_device,
         mesh=mesh,
-        in_specs=(lane, lane, key_spec, replicated),
-        out_specs=lane,
+        in_specs=(replicated,) * 5,
+        out_specs=PartitionSpec(_LANES),
         check_vma=False,
     )
-    return run(params, etas, keys, data)
+    return run(params0, etas, keys, data, start)
 
 
 # ----------------------------------------------------------------------------------------
@@ -690,7 +726,7 @@ def _check_etas(etas: Any, dtype: Any) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"etas must be positive and finite, got etas[{i}] = {values[i]!r} "
+            f"etas must be positive and finite, got etas[{i}] = {values[i].item()!r} "
             f"({bad.size} bad value(s))."
         )
     return values.astype(dtype)
@@ -776,7 +812,9 @@ def _check_optimizer(optimizer: Any) -> None:
             f"optax.adam), got {optimizer!r}: {error}"
         ) from error
     if not isinstance(transform, optax.GradientTransformation):
-        raise ValueError(f"optimizer must build an optax GradientTransformation, got {transform!r}.")
+        raise ValueError(
+            f"optimizer must build an optax GradientTransformation, got {transform!r}."
+        )
 
 
 def _check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> None:
@@ -790,12 +828,17 @@ def _check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> Non
             source.data,
         )
         args = (single, batch)
-    out = jax.eval_shape(loss_fn, *args)
+    what = "one initialisation (params0 without its leading axis" + (
+        " and one batch)" if source else ")"
+    )
+    try:
+        out = jax.eval_shape(loss_fn, *args)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's function is bad input
+        raise ValueError(f"loss_fn could not be evaluated on {what}: {error}") from error
     shape = getattr(out, "shape", None)
     if shape != ():
         raise ValueError(
-            "loss_fn must return a scalar for one initialisation (params0 without its leading "
-            f"axis{' and one batch' if source else ''}), got {shape or type(out).__name__}."
+            f"loss_fn must return a scalar for {what}, got {shape or type(out).__name__}."
         )
 
 
@@ -810,7 +853,9 @@ def _bytes_per_trajectory(
     counted: lower the budget for large models.
     """
     single = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
-    param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(single))
+    param_bytes = sum(
+        math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(single)
+    )
     opt_bytes = 0
     if config.optimizer is not None:
         opt_shapes = jax.eval_shape(
@@ -820,7 +865,7 @@ def _bytes_per_trajectory(
             math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(opt_shapes)
         )
     scalar = np.dtype(jax.tree_util.tree_leaves(single)[0].dtype).itemsize
-    total = 6 * param_bytes + 2 * opt_bytes + (config.window + 1) * param_bytes + 16 * scalar
+    total = (6 + config.window) * param_bytes + 2 * opt_bytes + 16 * scalar
     total += config.num_records * (2 * scalar + (param_bytes if config.record_params else 0))
     if source is not None and not config.same_batches:
         example_bytes = sum(
@@ -858,21 +903,17 @@ class SweepPlan:
         mesh: Mesh,
     ):
         self._config = config
-        self._params0 = params0  # host arrays, leaves (n_init, ...)
-        self._etas = etas
         self._mesh = mesh
-        self._lane_sharding = NamedSharding(mesh, PartitionSpec(_LANES))
         replicated = NamedSharding(mesh, PartitionSpec())
+        self._params0 = jax.device_put(params0, replicated)  # leaves (n_init, ...)
+        self._etas = etas
+        self._device_etas = jax.device_put(etas, replicated)
         self._data = None if source is None else jax.device_put(source.data, replicated)
-        self._init_keys = None
-        self._key = None
+        self._keys = None
         if key is not None:
-            if config.same_batches:
-                self._key = jax.device_put(key, replicated)
-            else:
-                self._init_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-                    key, jnp.arange(n_init)
-                )
+            if not config.same_batches:
+                key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n_init))
+            self._keys = jax.device_put(key, replicated)
         self.grid_shape = (int(etas.shape[0]), int(n_init))
         self.num_trajectories = self.grid_shape[0] * self.grid_shape[1]
         self.chunk_size = int(chunk_size)
@@ -893,20 +934,17 @@ class SweepPlan:
     def run_chunk(self, index: int) -> SweepChunk:
         """Runs the trajectories of chunk ``index`` and returns their results on the host."""
         start, stop = self.chunk_bounds(index)
-        flat = np.minimum(np.arange(start, start + self.chunk_size), stop - 1)  # pad: repeat
-        eta_index, init_index = np.divmod(flat, self.grid_shape[1])
-        put = functools.partial(jax.device_put, device=self._lane_sharding)
-        params = jax.tree_util.tree_map(lambda x: put(x[init_index]), self._params0)
-        keys = self._key if self._init_keys is None else put(self._init_keys[init_index])
         out = _run_sharded(
-            params,
-            put(self._etas[eta_index]),
-            keys,
+            self._params0,
+            self._device_etas,
+            self._keys,
             self._data,
+            jnp.int32(start),
             config=self._config,
             mesh=self._mesh,
+            lanes_per_device=self.chunk_size // self._mesh.size,
         )
-        host = jax.tree_util.tree_map(lambda x: np.asarray(x)[: stop - start], out)
+        host = jax.tree_util.tree_map(lambda x: x[: stop - start], jax.device_get(out))
         return SweepChunk(start, stop, **host._asdict())
 
     def assemble(self, chunks: Iterable[SweepChunk]) -> SweepResult:
@@ -941,12 +979,12 @@ class SweepPlan:
         grid = self.grid_shape
 
         def as_grid(x):
-            return jnp.asarray(x.reshape(grid + x.shape[1:]))
+            return x.reshape(grid + x.shape[1:])
 
         fields = {name: jax.tree_util.tree_map(as_grid, value) for name, value in arrays.items()}
         return SweepResult(
-            etas=jnp.asarray(self._etas),
-            record_steps=None if self.record_steps is None else jnp.asarray(self.record_steps),
+            etas=self._etas,
+            record_steps=self.record_steps,
             **fields,
         )
 
@@ -962,7 +1000,7 @@ def plan_sweep(
     key: PRNGKeyArray | None = None,
     min_loss_value: float | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
-    check_every: int = 64,
+    check_every: int = 128,
     record_every: int | None = None,
     record_params: bool = False,
     dtype: Any = jnp.float32,
@@ -1019,7 +1057,10 @@ def plan_sweep(
     total = etas_host.shape[0] * n_init
     if chunk_size is None:
         per_trajectory = _bytes_per_trajectory(config, params_host, source)
-        chunk_size = max(1, memory_budget_bytes // per_trajectory)
+        per_device = max(1, memory_budget_bytes // per_trajectory)
+        if all(d.platform == "cpu" for d in devices):
+            per_device = min(per_device, _CPU_LANES_PER_DEVICE)
+        chunk_size = per_device * n_dev
     chunk_size = min(int(chunk_size), total)
     chunk_size = -(-chunk_size // n_dev) * n_dev  # a multiple of the device count
     mesh = Mesh(np.array(devices), (_LANES,))
@@ -1037,7 +1078,7 @@ def sweep(
     key: PRNGKeyArray | None = None,
     min_loss_value: float | None = None,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
-    check_every: int = 64,
+    check_every: int = 128,
     record_every: int | None = None,
     record_params: bool = False,
     dtype: Any = jnp.float32,
@@ -1084,9 +1125,11 @@ def sweep(
         record_params: also record the iterates (needs ``record_every``).
         dtype: floating dtype of parameters, step sizes and floating data (float32 default;
             float64 needs ``jax_enable_x64``).
-        chunk_size: trajectories per chunk; by default as many as fit ``memory_budget_bytes``.
-        memory_budget_bytes: device memory allowed for one chunk (estimate in
-            ``docs/engine.md``); default 1 GiB.
+        chunk_size: trajectories per chunk (rounded up to a multiple of the device count); by
+            default as many per device as fit ``memory_budget_bytes``, and at most 16384 per
+            device on CPU (cache-sized chunks run faster).
+        memory_budget_bytes: memory of one device allowed for its share of a chunk (the
+            estimate is in ``docs/engine.md``); default 1 GiB.
         devices: devices to shard trajectories over (default ``jax.local_devices()``).
         same_batches: every trajectory sees the same minibatch sequence (default); ``False``:
             initialisation ``j`` uses the key ``fold_in(key, j)`` (shared by all step sizes).

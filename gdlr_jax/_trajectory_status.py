@@ -7,22 +7,19 @@ loss ``L(theta_t)`` and gradient norm ``||grad L(theta_t)||`` and decides, with 
 is still moving after the last step is examined over its final ``window`` iterates for a
 periodic orbit (:func:`orbit_summary`).
 
-All functions here act on one trajectory (scalars and one parameter pytree) or elementwise on a
-batch of trajectories; the engine vmaps them.
+All functions here act on one trajectory (scalars and its flat parameter vector) or
+elementwise on a batch of trajectories; the engine vmaps them.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int
-
-PyTree = Any
 
 
 class TrajectoryStatus(enum.IntEnum):
@@ -64,9 +61,9 @@ class ConvergenceCriteria(NamedTuple):
       converges to a strict saddle with probability zero).
 
     A trajectory still running after the last step is **periodic** with period ``p`` if ``p``
-    is the smallest lag in ``1..max_period`` with ``||theta_t - theta_{t-p}||_inf <= period_tol
-    * (1 + ||theta_t||_inf)`` for every ``t`` of the final ``window`` iterates with ``t - p``
-    in the window, and ``p >= 2`` (``p = 1``, a stalled trajectory, reports period 0).
+    is the smallest lag in ``1..max_period`` with ``||theta_j - theta_{j-p}||_inf <= period_tol
+    * (1 + ||theta_j||_inf)`` for its last ``p + 1`` iterates ``j``, and ``p >= 2`` (``p = 1``,
+    a stalled trajectory, reports period 0); see :func:`orbit_summary`.
 
     Attributes:
         grad_tol: bound on the full-batch gradient norm for convergence.
@@ -84,7 +81,7 @@ class ConvergenceCriteria(NamedTuple):
     step_tol: float = 1e-6
     loss_tol: float = 1e-6
     divergence_bound: float = 1e6
-    window: int = 32
+    window: int = 16
     max_period: int = 8
     period_tol: float = 1e-5
 
@@ -120,13 +117,40 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def within_bound(params: PyTree, bound: float) -> Bool[Array, ""]:
-    """Whether every entry of ``params`` is finite with ``|theta_i| <= bound``.
+# XLA:CPU reduces a short minor axis (a few parameters, a few time steps) several times more
+# slowly than the same sum written as fused elementwise operations; the engine runs millions of
+# trajectories of tiny models, so short axes are reduced by unrolling.
+_UNROLL_LIMIT = 32
+
+
+def _reduce_last_axis(x: Float[Array, "... k"], pairwise, full) -> Float[Array, "..."]:
+    k = x.shape[-1]
+    if k <= _UNROLL_LIMIT:
+        parts = [x[..., i] for i in range(k)]
+        while len(parts) > 1:  # a balanced tree: short dependency chains
+            parts = [pairwise(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
+                [parts[-1]] if len(parts) % 2 else []
+            )
+        return parts[0]
+    return full(x, axis=-1)
+
+
+def sum_last_axis(x: Float[Array, "... k"]) -> Float[Array, "..."]:
+    """``sum_i x[..., i]`` (unrolled for a short axis)."""
+    return _reduce_last_axis(x, jnp.add, jnp.sum)
+
+
+def max_last_axis(x: Float[Array, "... k"]) -> Float[Array, "..."]:
+    """``max_i x[..., i]`` (unrolled for a short axis)."""
+    return _reduce_last_axis(x, jnp.maximum, jnp.max)
+
+
+def within_bound(theta: Float[Array, " d"], bound: float) -> Bool[Array, ""]:
+    """Whether every entry of the flat parameters is finite with ``|theta_i| <= bound``.
 
     One comparison per entry: a NaN compares false, so non-finite entries fail too.
     """
-    leaves = jax.tree_util.tree_leaves(params)
-    return jnp.all(jnp.stack([jnp.all(jnp.abs(leaf) <= bound) for leaf in leaves]))
+    return jnp.all(jnp.abs(theta) <= bound)
 
 
 def classify_evaluation(
@@ -181,39 +205,52 @@ def classify_evaluation(
 
 
 def orbit_summary(
-    history: PyTree, max_period: int, period_tol: float
+    history: Float[Array, "w d"],
+    final: Float[Array, " d"],
+    max_period: int,
+    period_tol: float,
 ) -> tuple[Int[Array, ""], Float[Array, ""]]:
     """Period and mean step length of one trajectory over its final window.
 
-    With ``theta_0, ..., theta_W`` the last ``W + 1`` iterates (``W`` steps):
+    With ``theta_0, ..., theta_W`` the last ``W + 1`` iterates (``W`` steps, flat vectors;
+    ``theta_W = final``):
 
     * ``asymptotic_step_norm = (1/W) sum_j ||theta_{j+1} - theta_j||_2``, which for plain GD
       is the mean of ``eta * ||grad L(theta_j)||`` (the quantity of the paper's abstract and
       Figures 5-6);
-    * ``period`` is the smallest ``p`` in ``1..max_period`` with
-      ``max_{j >= p} ||theta_j - theta_{j-p}||_inf / (1 + ||theta_j||_inf) <= period_tol``,
-      reported when ``p >= 2`` and 0 otherwise (no orbit found, or ``p = 1``: stalled).
+    * ``period`` is the smallest ``p`` in ``1..P`` (``P = max_period``) with
+      ``|theta_j - theta_{j-p}|_inf <= period_tol * (1 + |theta_j|_inf)`` for the last
+      ``p + 1`` iterates ``j = W - p, ..., W`` (one full orbit and one more), reported when
+      ``p >= 2`` and 0 otherwise (no orbit found, or ``p = 1``: stalled). ``P = 0`` reports 0.
+
+    The window is walked one iterate at a time (a Python loop over its ``W + 1`` rows)
+    so that, vmapped over trajectories, every intermediate is one number per trajectory: XLA
+    then vectorises across trajectories even when ``d`` is tiny.
 
     Args:
-        history: parameter pytree whose leaves carry a leading axis of length ``W + 1``
-            (``W >= 2 * max_period``).
+        history: the ``W`` iterates before the final one, ``(W, d)``, ``W >= 2 * max_period``.
+        final: the final iterate ``(d,)``.
         max_period: largest period looked for.
         period_tol: relative tolerance of the lag comparison.
 
     Returns:
         ``(period, asymptotic_step_norm)``, scalars.
     """
-    flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(history)  # (W + 1, d)
-    steps = jnp.linalg.norm(flat[1:] - flat[:-1], axis=-1)
-    scale = 1.0 + jnp.max(jnp.abs(flat), axis=-1)  # (W + 1,)
-    lag_error = jnp.stack(
-        [
-            jnp.max(jnp.max(jnp.abs(flat[p:] - flat[:-p]), axis=-1) / scale[p:])
-            for p in range(1, max_period + 1)
-        ]
-    )  # (max_period,)
-    repeats = lag_error <= period_tol
-    smallest = jnp.argmax(repeats).astype(jnp.int32) + 1
-    period = jnp.where(jnp.any(repeats) & (smallest >= 2), smallest, 0)
-    return period, jnp.mean(steps)
-
+    window = history.shape[0]
+    rows = [history[j] for j in range(window)] + [final]
+    step_norms = [
+        jnp.sqrt(sum_last_axis(jnp.square(rows[j + 1] - rows[j]))) for j in range(window)
+    ]
+    mean_step = functools.reduce(jnp.add, step_norms) / window
+    scale = [1.0 + max_last_axis(jnp.abs(row)) for row in rows[window - max_period :]]
+    period = jnp.int32(0)
+    for p in range(max_period, 0, -1):  # ends with the smallest repeating lag
+        lag_error = functools.reduce(
+            jnp.maximum,
+            [
+                max_last_axis(jnp.abs(rows[j] - rows[j - p])) / scale[j - window + max_period]
+                for j in range(window - p, window + 1)
+            ],
+        )
+        period = jnp.where(lag_error <= period_tol, jnp.int32(p), period)
+    return jnp.where(period >= 2, period, 0), mean_step

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gdlr_jax import __version__
@@ -36,7 +38,14 @@ def test_help_explains_commands_and_options(capsys):
         assert word in out
     assert _exit_code(["run", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("CONFIG", "--out DIR", "--overwrite", "--set KEY=VALUE", "--dry-run", "--no-progress"):
+    for option in (
+        "CONFIG",
+        "--out DIR",
+        "--overwrite",
+        "--set KEY=VALUE",
+        "--dry-run",
+        "--no-progress",
+    ):
         assert option in out
     assert "never overwritten silently" in " ".join(out.split())
 
@@ -55,9 +64,10 @@ def test_list_shows_shipped_configs_with_descriptions(capsys, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # configs are found beside the package too
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name, path, description in list_configs():
+    for name, _, description in list_configs():
         assert name in out and description[:30] in out
     assert "two_neuron " in out
+    assert "  two_neuron: the worked example 1/2 (1 - xy)^2" in out
 
 
 def test_bad_config_and_bad_set_exit_2_with_a_message(capsys, tmp_path, monkeypatch):
@@ -68,7 +78,10 @@ def test_bad_config_and_bad_set_exit_2_with_a_message(capsys, tmp_path, monkeypa
     assert "two_neuron" in err
     assert main(["run", "--set", "sweep.steps=0"]) == 2
     err = capsys.readouterr().err
-    assert "config key 'sweep.steps' has value 0; allowed: an integer >= 1 (from --set sweep.steps)" in err
+    assert (
+        "config key 'sweep.steps' has value 0; allowed: an integer >= 1 (from --set sweep.steps)"
+        in err
+    )
     assert main(["run", "--set", "nonsense"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing written before validation passed
@@ -115,13 +128,17 @@ def test_explicit_out_is_never_overwritten_silently(tmp_path):
     out = tmp_path / "out"
     assert output_dir_for("tn", out) == out
     RunOutput(out).write_text("config.yaml", "experiment: two_neuron\n")
-    with pytest.raises(ConfigError, match=r"output folder .*out already exists and is not empty; pass --overwrite"):
+    with pytest.raises(
+        ConfigError, match=r"output folder .*out already exists and is not empty; pass --overwrite"
+    ):
         output_dir_for("tn", out)
     assert output_dir_for("tn", out, overwrite=True) == out and not out.exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(ConfigError, match=r"holds no previous run \(no config.yaml\); refusing to delete"):
+    with pytest.raises(
+        ConfigError, match=r"holds no previous run \(no config.yaml\); refusing to delete"
+    ):
         output_dir_for("tn", foreign, overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
     a_file = tmp_path / "file"
@@ -135,21 +152,61 @@ def test_run_output_writes_atomically(tmp_path):
     output.write_json("a.json", {"x": 1})
     output.write_arrays("r", {"v": [1, 2]})
     assert output.files == ["a.json", "r.npz"]
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.json", "r.npz"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "a.json",
+        "r.npz",
+    ]  # no temp files
 
 
 def test_format_table():
-    text = format_table(["eta", "share"], [[0.1, 0.123456], [1.0, 0]])
-    assert text.splitlines() == ["eta   share", "---  ------", "0.1  0.1235", "  1       0"]
+    text = format_table(["eta", "share", "note"], [[0.1, 0.123456, "a"], [1.0, 0, "bc"]])
+    assert text.splitlines() == [
+        "eta   share  note",
+        "---  ------  ----",
+        "0.1  0.1235  a",
+        "  1       0  bc",
+    ]
 
 
-@pytest.mark.skipif(shutil.which("gdlr", path=str(pathlib.Path(sys.executable).parent)) is None,
-                    reason="the gdlr script is not installed in this environment")
-def test_installed_script(tmp_path):
+TINY = [  # the default config shrunk to a fraction of a second of compute, in float32
+    "dtype=float32",
+    "critical_step_size.restarts=1",
+    "critical_step_size.steps=50",
+    "weak_stability.points=501",
+    "sweep.eta.num=2",
+    "sweep.resolution=4",
+    "sweep.steps=200",
+    "portraits.0.starts=1",
+    "portraits.1.starts=1",
+    "basin.resolution=4",
+    "basin.steps=200",
+    "figures.dpi=20",
+]
+
+
+@pytest.mark.skipif(
+    shutil.which("gdlr", path=str(pathlib.Path(sys.executable).parent)) is None,
+    reason="the gdlr script is not installed in this environment",
+)
+def test_installed_script_runs_the_default_config(tmp_path):
     gdlr = shutil.which("gdlr", path=str(pathlib.Path(sys.executable).parent))
-    done = subprocess.run([gdlr, "--version"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == f"gdlr_jax {__version__}"
-    done = subprocess.run([gdlr, "run", "--set", "basin.eta=-1"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
-    assert done.returncode == 2
-    assert "config key 'basin.eta' has value -1; allowed: a finite number > 0" in done.stderr
+    argv = [gdlr, "run", "--no-progress"] + [a for kv in TINY for a in ("--set", kv)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "two_neuron"
+    assert done.stdout.startswith("gdlr: running two_neuron (two_neuron) into runs/two_neuron")
+    summary = json.loads((run / "summary.json").read_text())
+    assert [row["eta"] for row in summary["per_eta"]] == pytest.approx([0.1, 1.2])
+    with np.load(run / "results.npz") as results:
+        assert results["sweep_final_loss"].dtype == np.float32
+    # a bad config stops before anything is written
+    bad = subprocess.run(
+        [gdlr, "run", "--set", "basin.eta=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2
+    assert "config key 'basin.eta' has value -1; allowed: a finite number > 0" in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two_neuron"]

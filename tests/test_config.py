@@ -1,4 +1,4 @@
-"""Configs: loading, schema validation (each error message checked), --set overrides, fingerprints."""
+"""Configs: loading, schema validation (each message checked), --set overrides, fingerprints."""
 
 from __future__ import annotations
 
@@ -77,32 +77,86 @@ def test_resolved_config_round_trips_with_the_same_fingerprint(tmp_path):
 
 def test_fingerprint_follows_params_not_description(raw):
     base = config_from_mapping(raw, "a")
-    assert config_from_mapping(_with(raw, "description", "other words"), "b").fingerprint == base.fingerprint
-    assert config_from_mapping(raw, "a", overrides=["sweep.steps=7"]).fingerprint != base.fingerprint
+    assert (
+        config_from_mapping(_with(raw, "description", "other words"), "b").fingerprint
+        == base.fingerprint
+    )
+    assert (
+        config_from_mapping(raw, "a", overrides=["sweep.steps=7"]).fingerprint != base.fingerprint
+    )
     assert re.fullmatch(r"[0-9a-f]{64}", base.fingerprint)
 
 
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("sweep.steps", "many", "config key 'sweep.steps' has value 'many'; allowed: an integer >= 1"),
+        (
+            "sweep.steps",
+            "many",
+            "config key 'sweep.steps' has value 'many'; allowed: an integer >= 1",
+        ),
         ("sweep.steps", 2.5, "config key 'sweep.steps' has value 2.5; allowed: an integer >= 1"),
         ("sweep.steps", True, "config key 'sweep.steps' has value True; allowed: an integer >= 1"),
         ("sweep.steps", 0, "config key 'sweep.steps' has value 0; allowed: an integer >= 1"),
         ("basin.eta", 0.0, "config key 'basin.eta' has value 0.0; allowed: a finite number > 0"),
         ("basin.eta", -1, "config key 'basin.eta' has value -1; allowed: a finite number > 0"),
-        ("basin.eta", float("nan"), "config key 'basin.eta' has value nan; allowed: a finite number > 0"),
-        ("portraits.1.eta", "1.1", "config key 'portraits.1.eta' has value '1.1'; allowed: a finite number > 0"),
-        ("sweep.eta.start", -0.1, "config key 'sweep.eta.start' has value -0.1; allowed: a finite number > 0"),
+        (
+            "basin.eta",
+            float("nan"),
+            "config key 'basin.eta' has value nan; allowed: a finite number > 0",
+        ),
+        (
+            "portraits.1.eta",
+            "1.1",
+            "config key 'portraits.1.eta' has value '1.1'; allowed: a finite number > 0",
+        ),
+        (
+            "sweep.eta.start",
+            -0.1,
+            "config key 'sweep.eta.start' has value -0.1; allowed: a finite number > 0",
+        ),
         ("sweep.eta.num", 0, "config key 'sweep.eta.num' has value 0; allowed: an integer >= 1"),
-        ("sweep.resolution", 0, "config key 'sweep.resolution' has value 0; allowed: an integer >= 1"),
-        ("portraits", [], "config key 'portraits' has value []; allowed: a list of at least 1 mapping(s) with keys eta, region, starts, steps"),
-        ("dtype", "float16", "config key 'dtype' has value 'float16'; allowed: one of 'float32', 'float64'"),
-        ("weak_stability.criterion", "lambda_min", "allowed: one of 'lambda_max', 'lambda_min_nonzero'"),
-        ("sweep.region", [0, 1, 0], "config key 'sweep.region' has value [0, 1, 0]; allowed: a list of 4 finite numbers"),
-        ("sweep.region", [1.0, 0.0, 0.0, 1.0], "allowed: [x_min, x_max, y_min, y_max] with x_min < x_max and y_min < y_max"),
-        ("sweep.eta", 0.5, "config key 'sweep.eta' has value 0.5; allowed: a mapping with keys start, stop, num"),
-        ("figures.dpi", 5, "config key 'figures.dpi' has value 5; allowed: an integer >= 20 and <= 1200"),
+        (
+            "sweep.resolution",
+            0,
+            "config key 'sweep.resolution' has value 0; allowed: an integer >= 1",
+        ),
+        (
+            "portraits",
+            [],
+            "config key 'portraits' has value [];"
+            " allowed: a list of at least 1 mapping(s) with keys eta, region, starts, steps",
+        ),
+        (
+            "dtype",
+            "float16",
+            "config key 'dtype' has value 'float16'; allowed: one of 'float32', 'float64'",
+        ),
+        (
+            "weak_stability.criterion",
+            "lambda_min",
+            "allowed: one of 'lambda_max', 'lambda_min_nonzero'",
+        ),
+        (
+            "sweep.region",
+            [0, 1, 0],
+            "config key 'sweep.region' has value [0, 1, 0]; allowed: a list of 4 finite numbers",
+        ),
+        (
+            "sweep.region",
+            [1.0, 0.0, 0.0, 1.0],
+            "allowed: [x_min, x_max, y_min, y_max] with x_min < x_max and y_min < y_max",
+        ),
+        (
+            "sweep.eta",
+            0.5,
+            "config key 'sweep.eta' has value 0.5; allowed: a mapping with keys start, stop, num",
+        ),
+        (
+            "figures.dpi",
+            5,
+            "config key 'figures.dpi' has value 5; allowed: an integer >= 20 and <= 1200",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(raw, key, value, message):
@@ -119,24 +173,27 @@ def test_inconsistent_eta_grid(raw):
 def test_unknown_keys_list_the_allowed_ones(raw):
     assert _error(_with(raw, "sweeps", {})) == (
         "unknown config key 'sweeps'; allowed keys: dtype, critical_step_size, weak_stability, "
-        "sweep, portraits, basin, figures"
+        "sweep, portraits, basin, engine, figures"
     )
     assert _error(_with(raw, "sweep.stepz", 3)) == (
-        "unknown config key 'sweep.stepz'; allowed keys under 'sweep': eta, region, resolution, steps"
+        "unknown config key 'sweep.stepz';"
+        " allowed keys under 'sweep': eta, region, resolution, steps"
     )
-    assert "unknown config key 'portraits.0.colour'" in _error(_with(raw, "portraits.0.colour", "red"))
+    assert "unknown config key 'portraits.0.colour'" in _error(
+        _with(raw, "portraits.0.colour", "red")
+    )
 
 
 def test_experiment_key_missing_unknown_or_not_a_mapping(raw):
     no_experiment = {k: v for k, v in raw.items() if k != "experiment"}
     assert _error(no_experiment) == (
-        "config key 'experiment' is missing; expected one of 'two_neuron' (the experiment to run)"
+        "config key 'experiment' is missing; expected one of 'two_neuron', 'mnist' (the experiment to run)"
     )
     assert _error(_with(raw, "experiment", "three_neuron")) == (
-        "config key 'experiment' has value 'three_neuron'; allowed: one of 'two_neuron'"
+        "config key 'experiment' has value 'three_neuron'; allowed: one of 'two_neuron', 'mnist'"
     )
     assert _error([1, 2]).startswith("a config must be a YAML mapping of keys")
-    with pytest.raises(ConfigError, match="allowed: one of 'two_neuron'"):
+    with pytest.raises(ConfigError, match="allowed: one of 'two_neuron', 'mnist'"):
         get_experiment("three_neuron")
 
 
@@ -160,23 +217,52 @@ def test_overrides_are_parsed_as_yaml_and_type_checked(raw):
     assert config.overrides[0] == "sweep.steps=500"
     # a section left out of the file can still be overridden
     no_figures = {k: v for k, v in raw.items() if k != "figures"}
-    assert config_from_mapping(no_figures, "t", overrides=["figures.dpi=80"]).params["figures"] == {"dpi": 80}
+    assert config_from_mapping(no_figures, "t", overrides=["figures.dpi=80"]).params["figures"] == {
+        "dpi": 80
+    }
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("sweep.steps", "--set 'sweep.steps': expected KEY=VALUE with a dotted key, e.g. sweep.steps=500"),
+        (
+            "sweep.steps",
+            "--set 'sweep.steps': expected KEY=VALUE with a dotted key, e.g. sweep.steps=500",
+        ),
         ("=3", "--set '=3': expected KEY=VALUE"),
         ("sweep..steps=3", "--set 'sweep..steps=3': expected KEY=VALUE"),
-        ("sweep.stepz=3", "--set sweep.stepz: unknown config key 'sweep.stepz'; allowed keys under 'sweep': eta, region, resolution, steps"),
+        (
+            "sweep.stepz=3",
+            "--set sweep.stepz: unknown config key 'sweep.stepz';"
+            " allowed keys under 'sweep': eta, region, resolution, steps",
+        ),
         ("sweepz.steps=3", "--set sweepz.steps: unknown config key 'sweepz'; allowed keys: dtype,"),
-        ("sweep.steps=abc", "config key 'sweep.steps' has value 'abc'; allowed: an integer >= 1 (from --set sweep.steps)"),
-        ("sweep.steps=-5", "config key 'sweep.steps' has value -5; allowed: an integer >= 1 (from --set sweep.steps)"),
-        ("basin.eta=0", "config key 'basin.eta' has value 0; allowed: a finite number > 0 (from --set basin.eta)"),
+        (
+            "sweep.steps=abc",
+            "config key 'sweep.steps' has value 'abc';"
+            " allowed: an integer >= 1 (from --set sweep.steps)",
+        ),
+        (
+            "sweep.steps=-5",
+            "config key 'sweep.steps' has value -5;"
+            " allowed: an integer >= 1 (from --set sweep.steps)",
+        ),
+        (
+            "basin.eta=0",
+            "config key 'basin.eta' has value 0;"
+            " allowed: a finite number > 0 (from --set basin.eta)",
+        ),
         ("sweep.steps.x=1", "--set sweep.steps.x: 'sweep.steps' is a value, not a mapping"),
-        ("portraits.7.eta=0.3", "--set portraits.7.eta: 'portraits' is a list of 2 item(s); expected an index 0..1, got '7'"),
-        ("portraits.eta=0.3", "--set portraits.eta: 'portraits' is a list of 2 item(s); expected an index 0..1, got 'eta'"),
+        (
+            "portraits.7.eta=0.3",
+            "--set portraits.7.eta: 'portraits' is a list of 2 item(s);"
+            " expected an index 0..1, got '7'",
+        ),
+        (
+            "portraits.eta=0.3",
+            "--set portraits.eta: 'portraits' is a list of 2 item(s);"
+            " expected an index 0..1, got 'eta'",
+        ),
         ("experiment=other", "--set experiment: 'experiment' cannot be overridden; edit the file"),
         ("sweep.region=[0, 1", "--set 'sweep.region=[0, 1': the value is not valid YAML"),
     ],

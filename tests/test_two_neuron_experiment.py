@@ -1,4 +1,4 @@
-"""The two-neuron study end to end on a shrunk copy of configs/two_neuron.yaml, and its M_WS length."""
+"""The two-neuron study: end to end on a shrunk copy of the shipped config; the M_WS length."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from gdlr_jax import TrajectoryStatus
+from gdlr_jax import TrajectoryStatus, sweep
 from gdlr_jax.experiments.config import ConfigError, load_config
 from gdlr_jax.experiments.runner import run_config
-from gdlr_jax.experiments.two_neuron import initial_grid, minima_profile, weakly_stable_length
+from gdlr_jax.experiments.two_neuron import (
+    initial_grid,
+    minima_profile,
+    unstable_convergence_fraction,
+    weakly_stable_length,
+)
+from gdlr_jax.linear import two_neuron
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DPI = 40
@@ -37,7 +43,7 @@ SHRUNK = [  # the shipped config, shrunk to run in seconds
 FIGURES = {  # stem -> size in inches (figures.py)
     "figure1_phase_portraits": (10.4, 6.2),
     "figure2_weak_stability": (6.4, 4.4),
-    "basin_map": (11.0, 5.0),
+    "basin_map": (11.0, 5.8),
 }
 
 
@@ -53,7 +59,7 @@ def _hand_length(eta: float) -> float:
 
 @pytest.fixture(scope="module")
 def profile():
-    return minima_profile(points=4001)
+    return minima_profile()  # the default 8001 points per branch
 
 
 def test_mws_length_from_curvature_matches_the_closed_form(profile):
@@ -61,19 +67,40 @@ def test_mws_length_from_curvature_matches_the_closed_form(profile):
     ours = weakly_stable_length(profile, etas)
     hand = np.array([_hand_length(e) for e in etas])
     # second order in the spacing of the points (linear interpolation of the threshold)
-    np.testing.assert_allclose(ours, hand, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(ours, hand, rtol=1e-5, atol=1e-9)
     assert ours[1] == pytest.approx(14.4698, abs=1e-4)  # |M_WS(0.1)|, both branches
 
 
-def test_mws_length_criteria_and_branches(profile):
-    paper = minima_profile(points=4001, criterion="lambda_min_nonzero")
-    np.testing.assert_allclose(paper.thresholds, profile.thresholds, rtol=1e-12)
-    positive = minima_profile(points=4001, branches="positive")
-    assert positive.xy.shape == (1, 4001, 2) and profile.xy.shape == (2, 4001, 2)
+def test_mws_length_criteria_and_branches():
+    both = minima_profile(points=1001)
+    paper = minima_profile(points=1001, criterion="lambda_min_nonzero")
+    np.testing.assert_allclose(paper.thresholds, both.thresholds, rtol=1e-12)
+    positive = minima_profile(points=1001, branches="positive")
+    assert positive.xy.shape == (1, 1001, 2) and both.xy.shape == (2, 1001, 2)
     np.testing.assert_allclose(
-        2 * weakly_stable_length(positive, [0.1, 0.5]), weakly_stable_length(profile, [0.1, 0.5])
+        2 * weakly_stable_length(positive, [0.1, 0.5]), weakly_stable_length(both, [0.1, 0.5])
     )
-    np.testing.assert_allclose(np.prod(profile.xy, axis=-1), 1.0, rtol=1e-12)  # points of M
+    np.testing.assert_allclose(np.prod(both.xy, axis=-1), 1.0, rtol=1e-12)  # points of M
+    np.testing.assert_allclose(both.thresholds, 2 / np.sum(both.xy**2, axis=-1), rtol=1e-12)
+
+
+def test_unstable_convergence_fraction_flags_minima_outside_mws():
+    # (2, 0.5) is a minimum with threshold 2/4.25 < 0.5: a fixed point, but not weakly stable;
+    # (1.2, 1/1.2) has threshold 0.937 > 0.9: weakly stable; (0.5, 1.5) converges into M_WS.
+    params0 = [
+        np.array([2.0, 1.2, 0.5]).reshape(3, 1, 1),
+        np.array([0.5, 1 / 1.2, 1.5]).reshape(3, 1, 1),
+    ]
+    result = sweep(
+        two_neuron().loss,
+        params0,
+        np.array([0.3, 0.5, 0.9]),
+        steps=500,
+        min_loss_value=0.0,
+        dtype=np.float64,
+    )
+    assert np.all(np.asarray(result.status)[:, :2] == int(TrajectoryStatus.CONVERGED_MINIMUM))
+    np.testing.assert_allclose(unstable_convergence_fraction(result), [0.0, 1 / 3, 1 / 3])
 
 
 def test_initial_grid_is_row_major_cell_centres():
@@ -130,11 +157,14 @@ def test_summary_converged_fraction_vanishes_exactly_above_eta_e(run):
         else:
             assert row["converged_fraction"] == 0 and row["mws_length"] == 0
         assert sum(row["status_fractions"].values()) == pytest.approx(1.0)
+        assert row["converged_outside_mws_fraction"] == 0
         assert row["mws_length"] == pytest.approx(_hand_length(row["eta"]), rel=1e-3, abs=1e-9)
     assert rows[0]["mws_length_normalised"] == pytest.approx(
         _hand_length(0.3) / _hand_length(0.1), rel=1e-3
     )
-    assert summary["weak_stability"]["reference_length"] == pytest.approx(_hand_length(0.1), rel=1e-3)
+    assert summary["weak_stability"]["reference_length"] == pytest.approx(
+        _hand_length(0.1), rel=1e-3
+    )
 
 
 def test_results_arrays(run):
@@ -142,14 +172,17 @@ def test_results_arrays(run):
     with np.load(outcome.path / "results.npz") as results:
         status = results["sweep_status"]
         assert status.shape == (4, 64)
-        np.testing.assert_allclose(results["sweep_converged_fraction"],
-                                   np.mean(status == int(TrajectoryStatus.CONVERGED_MINIMUM), axis=1))
+        np.testing.assert_allclose(
+            results["sweep_converged_fraction"],
+            np.mean(status == int(TrajectoryStatus.CONVERGED_MINIMUM), axis=1),
+        )
         assert results["basin_status"].shape == (12, 12)
         # Figure 1: at eta = 0.4 every start is trapped, its last iterate on M; at 1.1 none is
         paths, panel_status = results["portrait0_paths"], results["portrait0_status"]
         assert paths.shape == (4, 61, 2)
-        np.testing.assert_allclose(paths[:, 0], np.array([[x, y] for y in (0.625, 1.875)
-                                                          for x in (0.475, 1.825)]))
+        np.testing.assert_allclose(
+            paths[:, 0], np.array([[x, y] for y in (0.625, 1.875) for x in (0.475, 1.825)])
+        )
         assert np.all(panel_status == int(TrajectoryStatus.CONVERGED_MINIMUM))
         np.testing.assert_allclose(np.prod(paths[:, -1], axis=-1), 1.0, atol=1e-6)
         assert not np.any(results["portrait1_status"] == int(TrajectoryStatus.CONVERGED_MINIMUM))
@@ -166,9 +199,12 @@ def test_terminal_table(run):
 
 
 def test_too_short_branch_is_a_config_error_and_leaves_nothing(tmp_path):
-    config = load_config(REPO / "configs" / "two_neuron.yaml",
-                         ["weak_stability.log_extent=0.5", "weak_stability.points=101"])
-    with pytest.raises(ConfigError, match=r"weak_stability.log_extent = 0.5 is too short: the ends"):
+    config = load_config(
+        REPO / "configs" / "two_neuron.yaml",
+        ["weak_stability.log_extent=0.5", "weak_stability.points=101"],
+    )
+    with pytest.raises(
+        ConfigError, match=r"weak_stability.log_extent = 0.5 is too short: the ends"
+    ):
         run_config(config, out=tmp_path / "run", progress=False, stream=io.StringIO())
     assert not (tmp_path / "run").exists()
-

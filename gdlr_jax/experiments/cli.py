@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from gdlr_jax import __version__
-from gdlr_jax.experiments.config import ConfigError, load_config
+from gdlr_jax.experiments.config import EXPERIMENTS, ConfigError, get_experiment, load_config
 from gdlr_jax.experiments.runner import (
     DEFAULT_CONFIG,
     RUNS_DIR,
@@ -117,6 +117,9 @@ def _list() -> int:
         print("no configs found (looked in ./configs and the repository's configs/)")
         return 1
     print(format_table(("config", "description", "file"), rows))
+    print("\nexperiments (the `experiment:` key of a config):")
+    for name in EXPERIMENTS:
+        print(f"  {name}: {get_experiment(name).summary}")
     return 0
 
 

@@ -37,6 +37,7 @@ from gdlr_jax import __version__
 #: experiment name (the config's ``experiment:`` key) -> module defining ``EXPERIMENT``.
 EXPERIMENTS: dict[str, str] = {
     "two_neuron": "gdlr_jax.experiments.two_neuron",
+    "mnist": "gdlr_jax.experiments.mnist",
 }
 
 _REQUIRED = object()
@@ -75,8 +76,11 @@ class Scalar:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         noun = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
-        bounds = [f"{op} {bound:g}" for op, bound in ((">", self.gt), (">=", self.ge), ("<=", self.le))
-                  if bound is not None]
+        bounds = [
+            f"{op} {bound:g}"
+            for op, bound in ((">", self.gt), (">=", self.ge), ("<=", self.le))
+            if bound is not None
+        ]
         return " ".join([noun[self.type], " and ".join(bounds)]).strip()
 
     def validate(self, given: Any, key: str) -> Any:

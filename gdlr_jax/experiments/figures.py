@@ -24,7 +24,10 @@ from gdlr_jax._trajectory_status import TrajectoryStatus
 #: colour and legend label of each trajectory status.
 STATUS_STYLE: dict[TrajectoryStatus, tuple[str, str]] = {
     TrajectoryStatus.CONVERGED_MINIMUM: ("#2ca02c", "converged to a minimum"),
-    TrajectoryStatus.CONVERGED_CRITICAL_POINT: ("#1f77b4", "converged to a critical point (not a minimum)"),
+    TrajectoryStatus.CONVERGED_CRITICAL_POINT: (
+        "#1f77b4",
+        "converged to a non-minimal critical point",
+    ),
     TrajectoryStatus.PERIODIC: ("#ff7f0e", "periodic orbit"),
     TrajectoryStatus.NOT_CONVERGED: ("#9e9e9e", "not converged"),
     TrajectoryStatus.DIVERGED: ("#6a1b9a", "diverged"),
@@ -54,22 +57,28 @@ class MinimaCurve:
     def draw(self, ax, eta: float) -> None:
         empty = not np.any(self.weakly_stable)
         label = f"weakly stable $M_{{WS}}(\\eta={eta:g})$" + (" is empty" if empty else "")
-        for branch, stable in zip(self.xy, self.weakly_stable):
+        for branch, stable in zip(self.xy, self.weakly_stable, strict=True):
             ax.plot(branch[:, 0], branch[:, 1], **_MINIMA)
             masked = np.where(stable[:, None], branch, np.nan)
             ax.plot(masked[:, 0], masked[:, 1], **_WEAKLY_STABLE, label=label)
 
 
+def share(fraction: float) -> str:
+    """A fraction as a percentage with one decimal; ``"<0.1%"`` when positive but smaller."""
+    return "<0.1%" if 0 < fraction < 1e-3 else f"{fraction:.1%}"
+
+
 def _status_counts(status: np.ndarray) -> str:
     return ", ".join(
-        f"{np.sum(status == int(code))} {label}" for code, (_, label) in STATUS_STYLE.items()
+        f"{np.sum(status == int(code))} {label}"
+        for code, (_, label) in STATUS_STYLE.items()
         if np.any(status == int(code))
     )
 
 
 def _legend_once(ax, **kwargs) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+    unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), **kwargs)
 
 
@@ -102,10 +111,10 @@ def phase_portraits(panels: Sequence[PortraitPanel]) -> Figure:
     """
     fig = _figure(5.2 * len(panels), 6.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         panel.minima.draw(ax, panel.eta)
         colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(panel.paths)))
-        for path, colour in zip(panel.paths, colours):
+        for path, colour in zip(panel.paths, colours, strict=True):
             ax.plot(path[:, 0], path[:, 1], "-", color=colour, lw=0.5, alpha=0.3)
             ax.plot(path[:, 0], path[:, 1], ".", color=colour, ms=2.5)
             last = path[np.flatnonzero(np.all(np.isfinite(path), axis=1))[-1]]
@@ -117,10 +126,14 @@ def phase_portraits(panels: Sequence[PortraitPanel]) -> Figure:
         x0, x1, y0, y1 = panel.region
         ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="$x$", ylabel="$y$")
         ax.set_aspect("equal", adjustable="box")
-        ax.set_title(f"GD on $\\frac{{1}}{{2}}(1-xy)^2$, $\\eta = {panel.eta:g}$\n"
-                     f"{_status_counts(panel.status)}", fontsize=10)
-        _legend_once(ax, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2, fontsize=8,
-                     frameon=False)
+        ax.set_title(
+            f"GD on $\\frac{{1}}{{2}}(1-xy)^2$, $\\eta = {panel.eta:g}$\n"
+            f"{_status_counts(panel.status)}",
+            fontsize=10,
+        )
+        _legend_once(
+            ax, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2, fontsize=8, frameon=False
+        )
     return fig
 
 
@@ -148,17 +161,38 @@ def weak_stability_vs_trapping(
     """
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
-    ax.plot(eta_curve, length_curve, color=_WEAKLY_STABLE["color"], lw=2.0,
-            label=f"$|M_{{WS}}(\\eta)| \\,/\\, |M_{{WS}}({reference_eta:g})|$"
-                  f"  ({criterion}; $|M_{{WS}}({reference_eta:g})| = {reference_length:.4g}$)")
-    ax.plot(etas, converged_fraction, "o-", color=STATUS_STYLE[TrajectoryStatus.CONVERGED_MINIMUM][0],
-            ms=4, lw=1.2, label="trapping-region fraction (grid of initialisations)")
+    ax.plot(
+        eta_curve,
+        length_curve,
+        color=_WEAKLY_STABLE["color"],
+        lw=2.0,
+        label=f"$|M_{{WS}}(\\eta)| \\,/\\, |M_{{WS}}({reference_eta:g})|$"
+        f"  ({criterion}; $|M_{{WS}}({reference_eta:g})| = {reference_length:.4g}$)",
+    )
+    ax.plot(
+        etas,
+        converged_fraction,
+        "o-",
+        color=STATUS_STYLE[TrajectoryStatus.CONVERGED_MINIMUM][0],
+        ms=4,
+        lw=1.2,
+        label="trapping-region fraction (grid of initialisations)",
+    )
     ax.axvline(eta_e, color="black", ls="--", lw=1.0)
-    ax.annotate(f"$\\eta_E = {eta_e:.6g}$", xy=(eta_e, 1.02), xycoords=("data", "axes fraction"),
-                ha="center", va="bottom", fontsize=9)
-    ax.set(xlabel="step size $\\eta$", ylabel="fraction",
-           xlim=(min(eta_curve.min(), etas.min()), max(eta_curve.max(), etas.max())),
-           ylim=(-0.02, 1.05))
+    ax.annotate(
+        f"$\\eta_E = {eta_e:.6g}$",
+        xy=(eta_e, 1.02),
+        xycoords=("data", "axes fraction"),
+        ha="center",
+        va="bottom",
+        fontsize=9,
+    )
+    ax.set(
+        xlabel="step size $\\eta$",
+        ylabel="fraction",
+        xlim=(min(eta_curve.min(), etas.min()), max(eta_curve.max(), etas.max())),
+        ylim=(-0.02, 1.05),
+    )
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8, ncols=1, frameon=False)
     return fig
@@ -182,7 +216,7 @@ def basin_map(
 
     Left: status; right: steps to converge to a minimum (log scale; others blank).
     """
-    fig = _figure(11.0, 5.0)
+    fig = _figure(11.0, 5.8)
     ax_status, ax_steps = fig.subplots(1, 2)
     codes = list(STATUS_STYLE)
     cmap = ListedColormap([STATUS_STYLE[c][0] for c in codes])
@@ -196,21 +230,29 @@ def basin_map(
     converged = status == int(TrajectoryStatus.CONVERGED_MINIMUM)
     steps = np.where(converged, np.maximum(steps_taken, 1), np.nan).astype(float)
     if np.any(converged):
-        norm_steps = LogNorm(vmin=np.nanmin(steps), vmax=max(np.nanmax(steps), np.nanmin(steps) + 1))
+        norm_steps = LogNorm(
+            vmin=np.nanmin(steps), vmax=max(np.nanmax(steps), np.nanmin(steps) + 1)
+        )
         shown = ax_steps.imshow(steps, cmap="viridis", norm=norm_steps, **image)
         fig.colorbar(shown, ax=ax_steps, label="steps to converge to a minimum")
     ax_steps.set_facecolor("#e0e0e0")
-    total = status.size
     handles = [
-        Patch(color=STATUS_STYLE[c][0], label=f"{STATUS_STYLE[c][1]} ({np.mean(status == int(c)):.1%})")
-        for c in codes if np.any(status == int(c))
+        Patch(
+            color=STATUS_STYLE[c][0],
+            label=f"{STATUS_STYLE[c][1]} ({share(np.mean(status == int(c)))})",
+        )
+        for c in codes
+        if np.any(status == int(c))
     ]
-    handles.append(Line2D([], [], **_WEAKLY_STABLE, label=f"$M_{{WS}}(\\eta={eta:g})$"))
+    handles += [
+        Line2D([], [], **_MINIMA),
+        Line2D([], [], **_WEAKLY_STABLE, label=f"$M_{{WS}}(\\eta={eta:g})$"),
+    ]
     for ax, title in ((ax_status, "fate of each initialisation"), (ax_steps, "steps to converge")):
         minima.draw(ax, eta)
         ax.set(xlim=extent[:2], ylim=extent[2:], xlabel="$x_0$", ylabel="$y_0$")
-        ax.set_title(f"{title}, $\\eta = {eta:g}$ ({status.shape[1]}x{status.shape[0]} = {total} starts)",
-                     fontsize=10)
-    ax_status.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9)
-    _legend_once(ax_steps, loc="upper right", fontsize=7, framealpha=0.9)
+        ax.set_title(
+            f"{title}, $\\eta = {eta:g}$ ({status.shape[1]}x{status.shape[0]} starts)", fontsize=10
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     return fig

@@ -50,7 +50,10 @@ os.umask(_UMASK)
 # ----- finding configs ----------------------------------------------------------------------
 def config_dirs() -> list[pathlib.Path]:
     """Folders searched for configs by name: ``./configs``, then the repository's ``configs/``."""
-    candidates = [pathlib.Path.cwd() / "configs", pathlib.Path(__file__).resolve().parents[2] / "configs"]
+    candidates = [
+        pathlib.Path.cwd() / "configs",
+        pathlib.Path(__file__).resolve().parents[2] / "configs",
+    ]
     out: list[pathlib.Path] = []
     for path in candidates:
         if path.is_dir() and all(path.resolve() != p.resolve() for p in out):
@@ -148,7 +151,9 @@ def output_dir_for(
         _replace_previous_run(base)
         return base
     n = 2
-    while (candidate := base.with_name(f"{base.name}-{n}")).exists() and not _is_empty_dir(candidate):
+    while (candidate := base.with_name(f"{base.name}-{n}")).exists() and not _is_empty_dir(
+        candidate
+    ):
         n += 1
     return candidate
 
@@ -191,9 +196,13 @@ class RunOutput:
         if _is_empty_dir(self.path):
             self.path.rmdir()
 
+    def write_bytes(self, name: str, data: bytes) -> pathlib.Path:
+        """Writes a file from bytes."""
+        return self._write(name, lambda handle: handle.write(data))
+
     def write_text(self, name: str, text: str) -> pathlib.Path:
         """Writes a UTF-8 text file."""
-        return self._write(name, lambda h: h.write(text.encode()))
+        return self.write_bytes(name, text.encode())
 
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Writes ``obj`` as indented JSON (numpy scalars and arrays become numbers/lists)."""
@@ -216,7 +225,7 @@ class RunOutput:
         for fmt in ("png", "pdf"):
             buffer = io.BytesIO()
             fig.savefig(buffer, format=fmt, dpi=dpi)
-            paths.append(self._write(f"{stem}.{fmt}", lambda h: h.write(buffer.getvalue())))
+            paths.append(self.write_bytes(f"{stem}.{fmt}", buffer.getvalue()))
         return paths
 
 
@@ -249,16 +258,22 @@ class RunReport:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with right-aligned columns."""
+    """A plain-text table: numeric columns right-aligned (4 significant digits), others left."""
 
     def cell(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return f"{v:.4g}"
         return str(v)
 
+    def numeric(i: int) -> bool:
+        return all(isinstance(row[i], (int, float, np.number)) for row in rows)
+
     cells = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    align = [str.rjust if numeric(i) else str.ljust for i in range(len(headers))]
+    lines = [
+        "  ".join(a(c, w) for c, w, a in zip(r, widths, align, strict=True)).rstrip() for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -303,7 +318,9 @@ def run_config(
     path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir)
     output = RunOutput(path)
     fingerprint = config.fingerprint
-    output.write_text(_RUN_MARKER, f"# gdlr resolved config; fingerprint {fingerprint}\n" + config.to_yaml())
+    output.write_text(
+        _RUN_MARKER, f"# gdlr resolved config; fingerprint {fingerprint}\n" + config.to_yaml()
+    )
     print(f"gdlr: running {config.name} ({config.experiment}) into {path}", file=stream)
     start = time.perf_counter()
     try:
@@ -327,5 +344,8 @@ def run_config(
     print(format_table(report.headers, report.rows), file=stream)
     for line in report.notes:
         print(line, file=stream)
-    print(f"gdlr: wrote {len(summary['files'])} files to {path} in {summary['wall_time_s']:.1f} s", file=stream)
+    print(
+        f"gdlr: wrote {len(summary['files'])} files to {path} in {summary['wall_time_s']:.1f} s",
+        file=stream,
+    )
     return RunOutcome(path, summary)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from gdlr_jax import linear
 from gdlr_jax._stability import CRITERIA, weak_stability_threshold
@@ -87,8 +87,10 @@ SCHEMA = Section(
     "the two-neuron study",
     {
         "dtype": Scalar(
-            str, "floating dtype of the GD trajectories (curvature is always float64)",
-            "float64", choices=("float32", "float64"),
+            str,
+            "floating dtype of the GD trajectories (curvature is always float64)",
+            "float64",
+            choices=("float32", "float64"),
         ),
         "critical_step_size": Section(
             "eta_E by gdlr_jax.critical_step_size (minimises lambda_max over M)",
@@ -101,20 +103,28 @@ SCHEMA = Section(
             "the length of M_WS(eta) along M = {xy = 1} (Def. 16)",
             {
                 "criterion": Scalar(
-                    str, "eigenvalue of Def. 16 (they coincide for this loss)",
-                    "lambda_max", choices=CRITERIA,
+                    str,
+                    "eigenvalue of Def. 16 (they coincide for this loss)",
+                    "lambda_max",
+                    choices=CRITERIA,
                 ),
                 "branches": Scalar(
-                    str, "branches of M measured: x, y > 0 only, or both", "both",
+                    str,
+                    "branches of M measured: x, y > 0 only, or both",
+                    "both",
                     choices=("positive", "both"),
                 ),
                 "log_extent": Scalar(
-                    float, "each branch is x = +-e^t, y = +-e^-t with |t| <= log_extent",
-                    4.0, gt=0.0,
+                    float,
+                    "each branch is x = +-e^t, y = +-e^-t with |t| <= log_extent",
+                    4.0,
+                    gt=0.0,
                 ),
                 "points": Scalar(int, "points per branch", 8001, ge=3),
                 "reference_eta": _eta(0.1, "lengths are normalised by |M_WS(reference_eta)|"),
-                "curve_points": Scalar(int, "step sizes on the length curve of Figure 2", 300, ge=2),
+                "curve_points": Scalar(
+                    int, "step sizes on the length curve of Figure 2", 300, ge=2
+                ),
             },
         ),
         "sweep": Section(
@@ -141,8 +151,11 @@ SCHEMA = Section(
                 "one panel of Figure 1",
                 {
                     "eta": Scalar(float, "step size", gt=0.0),
-                    "region": Numbers(4, "region shown and of the starts: [x_min, x_max, "
-                                      "y_min, y_max]", check=_check_region),
+                    "region": Numbers(
+                        4,
+                        "region shown and of the starts: [x_min, x_max, y_min, y_max]",
+                        check=_check_region,
+                    ),
                     "starts": Scalar(int, "starts per axis (cell centres)", ge=1),
                     "steps": Scalar(int, "GD steps per trajectory", ge=1),
                 },
@@ -157,26 +170,43 @@ SCHEMA = Section(
             "basin map: the status of every initialisation of a fine grid at one step size",
             {
                 "eta": _eta(0.9, "step size"),
-                "region": _region(R, "initialisations"),
+                "region": _region([-2.5, 2.5, -2.5, 2.5], "initialisations"),
                 "resolution": Scalar(int, "initialisations per axis", 200, ge=1),
                 "steps": _steps(3000),
             },
         ),
         "engine": Section(
-            "gdlr_jax.sweep settings and the convergence criteria of a trajectory "
-            "(docs/engine.md)",
+            "gdlr_jax.sweep settings and the convergence criteria of a trajectory (docs/engine.md)",
             {
                 "check_every": Scalar(int, "steps between convergence checks", 64, ge=1),
                 "memory_budget_mb": Scalar(
                     int, "memory for one chunk of trajectories (MiB)", 1024, ge=1
                 ),
-                "grad_tol": Scalar(float, "converged: ||grad L|| <= grad_tol", _CRITERIA.grad_tol, ge=0.0),
-                "step_tol": Scalar(float, "converged: eta ||grad L|| <= step_tol", _CRITERIA.step_tol, ge=0.0),
-                "loss_tol": Scalar(float, "a minimum: loss <= loss_tol (the minimum value is 0)", _CRITERIA.loss_tol, ge=0.0),
-                "divergence_bound": Scalar(float, "diverged: max |theta_i| > divergence_bound", _CRITERIA.divergence_bound, gt=0.0),
-                "window": Scalar(int, "final steps searched for a periodic orbit", _CRITERIA.window, ge=2),
+                "grad_tol": Scalar(
+                    float, "converged: ||grad L|| <= grad_tol", _CRITERIA.grad_tol, ge=0.0
+                ),
+                "step_tol": Scalar(
+                    float, "converged: eta ||grad L|| <= step_tol", _CRITERIA.step_tol, ge=0.0
+                ),
+                "loss_tol": Scalar(
+                    float,
+                    "a minimum: loss <= loss_tol (the minimum value is 0)",
+                    _CRITERIA.loss_tol,
+                    ge=0.0,
+                ),
+                "divergence_bound": Scalar(
+                    float,
+                    "diverged: max |theta_i| > divergence_bound",
+                    _CRITERIA.divergence_bound,
+                    gt=0.0,
+                ),
+                "window": Scalar(
+                    int, "final steps searched for a periodic orbit", _CRITERIA.window, ge=2
+                ),
                 "max_period": Scalar(int, "largest period looked for", _CRITERIA.max_period, ge=1),
-                "period_tol": Scalar(float, "relative tolerance of the period test", _CRITERIA.period_tol, ge=0.0),
+                "period_tol": Scalar(
+                    float, "relative tolerance of the period test", _CRITERIA.period_tol, ge=0.0
+                ),
             },
             check=_check_criteria,
         ),
@@ -199,13 +229,54 @@ class MinimaProfile(NamedTuple):
             ``M_WS(eta)`` iff ``eta < threshold``.
     """
 
-    xy: np.ndarray
-    arclength: np.ndarray
-    thresholds: np.ndarray
+    xy: Float[np.ndarray, "branches points 2"]
+    arclength: Float[np.ndarray, "branches points"]
+    thresholds: Float[np.ndarray, "branches points"]
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "criterion"))
+def _thresholds(
+    loss: Any, x: Float[Array, " n"], y: Float[Array, " n"], criterion: str
+) -> Float[Array, " n"]:
+    return jax.vmap(
+        lambda a, b: weak_stability_threshold(
+            loss, [a.reshape(1, 1), b.reshape(1, 1)], criterion=criterion
+        )
+    )(x, y)
+
+
+def weak_stability_thresholds(
+    x: ArrayLike, y: ArrayLike, criterion: str = "lambda_max", *, block: int = 1 << 20
+) -> Float[np.ndarray, " n"]:
+    """``2 / lambda`` of the two-neuron loss at the points ``(x_i, y_i)``, in float64.
+
+    :func:`gdlr_jax.weak_stability_threshold` vmapped over the points, in blocks of ``block``
+    points (bounded memory). On M, ``(x, y) in M_WS(eta)`` iff ``eta < threshold``.
+
+    Args:
+        x, y: ``(n,)`` coordinates.
+        criterion: the eigenvalue of Def. 16.
+
+    Returns:
+        ``(n,)`` thresholds.
+    """
+    with jax.enable_x64(True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        loss = _two_neuron_loss("float64")
+        return np.concatenate(
+            [
+                np.asarray(_thresholds(loss, x[i : i + block], y[i : i + block], criterion))
+                for i in range(0, x.size, block)
+            ]
+            or [np.zeros(0)]
+        )
 
 
 def minima_profile(
-    *, branches: str = "both", log_extent: float = 4.0, points: int = 8001,
+    *,
+    branches: str = "both",
+    log_extent: float = 4.0,
+    points: int = 8001,
     criterion: str = "lambda_max",
 ) -> MinimaProfile:
     """Thresholds ``2 / lambda`` of the two-neuron loss along ``M = {xy = 1}``, in float64.
@@ -219,27 +290,41 @@ def minima_profile(
         signs = jnp.array([1.0] if branches == "positive" else [1.0, -1.0], jnp.float64)
         x = signs[:, None] * jnp.exp(t)[None, :]
         y = signs[:, None] * jnp.exp(-t)[None, :]
-        params = [x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)]
-        loss = linear.two_neuron(jnp.float64).loss
-        thresholds = jax.jit(jax.vmap(
-            lambda p: weak_stability_threshold(loss, p, criterion=criterion)
-        ))(params)
+        thresholds = weak_stability_thresholds(
+            np.asarray(x).ravel(), np.asarray(y).ravel(), criterion
+        )
         xy = np.stack([np.asarray(x), np.asarray(y)], axis=-1)
     segment = np.hypot(*np.moveaxis(np.diff(xy, axis=1), -1, 0))
     arclength = np.concatenate([np.zeros((xy.shape[0], 1)), np.cumsum(segment, axis=1)], axis=1)
-    return MinimaProfile(xy, arclength, np.asarray(thresholds).reshape(x.shape))
+    return MinimaProfile(xy, arclength, thresholds.reshape(x.shape))
 
 
-def weakly_stable_length(profile: MinimaProfile, etas: Float[Array, " k"]) -> np.ndarray:
+def weakly_stable_length(profile: MinimaProfile, etas: ArrayLike) -> Float[np.ndarray, " k"]:
     """Arclength of ``M_WS(eta) = {theta in M : eta < threshold(theta)}`` for each ``eta``.
 
     The threshold is interpolated linearly between consecutive points of each branch, so the
-    part of a segment above ``eta`` is exact for that interpolation; branches are summed.
+    part of a segment above ``eta`` is exact for that interpolation (the error is second order
+    in the spacing of the points); branches are summed.
+
+    Args:
+        profile: from :func:`minima_profile`.
+        etas: ``(k,)`` step sizes.
 
     Returns:
         ``(k,)`` lengths.
     """
-    etas = np.asarray(etas, np.float64)[:, None, None]
+    etas = np.asarray(etas, np.float64).reshape(-1)
+    return np.concatenate(
+        [_lengths(profile, etas[i : i + _ETA_BLOCK]) for i in range(0, etas.size, _ETA_BLOCK)]
+        or [np.zeros(0)]
+    )
+
+
+_ETA_BLOCK = 32  # step sizes per block of weakly_stable_length (bounds its memory)
+
+
+def _lengths(profile: MinimaProfile, etas: np.ndarray) -> np.ndarray:
+    etas = etas[:, None, None]
     a, b = profile.thresholds[None, :, :-1], profile.thresholds[None, :, 1:]
     ds = np.diff(profile.arclength, axis=1)[None]
     above_a, above_b = a > etas, b > etas
@@ -263,7 +348,9 @@ def _check_extent(profile: MinimaProfile, smallest_eta: float, extent: float) ->
 
 
 # ----- grids of initialisations -------------------------------------------------------------
-def initial_grid(region: list[float], nx: int, ny: int, dtype: Any) -> tuple[np.ndarray, np.ndarray, list]:
+def initial_grid(
+    region: list[float], nx: int, ny: int, dtype: Any
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Cell centres of an ``ny x nx`` grid over ``region`` as engine parameters.
 
     Cell centres (not the edges) keep exceptional points such as the balanced minimum
@@ -281,23 +368,35 @@ def initial_grid(region: list[float], nx: int, ny: int, dtype: Any) -> tuple[np.
     return xs, ys, params0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _two_neuron_loss(dtype_name: str) -> Any:
     """One loss object per dtype, so that repeated sweeps can reuse their compilation."""
     return linear.two_neuron(jnp.dtype(dtype_name)).loss
 
 
-def _run_sweep(params0: list, etas: np.ndarray, steps: int, dtype: Any, engine: Mapping[str, Any],
-               desc: str, progress: bool, **kwargs: Any) -> SweepResult:
+def _run_sweep(
+    params0: list, etas: np.ndarray, steps: int, ctx: _Context, desc: str, **kwargs: Any
+) -> SweepResult:
     """:func:`gdlr_jax.sweep` of the two-neuron loss, with a progress bar over trajectories."""
-    loss = _two_neuron_loss(jnp.dtype(dtype).name)
-    with progress_bar(len(etas) * params0[0].shape[0], desc, progress) as bar:
+    engine = ctx.engine
+    with progress_bar(len(etas) * params0[0].shape[0], desc, ctx.progress) as bar:
         return sweep(
-            loss, params0, jnp.asarray(etas, dtype), steps=steps, min_loss_value=0.0,
-            criteria=_criteria(engine), check_every=engine["check_every"],
-            memory_budget_bytes=engine["memory_budget_mb"] << 20, dtype=dtype,
-            on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start), **kwargs,
+            _two_neuron_loss(ctx.dtype.name),
+            params0,
+            jnp.asarray(etas, ctx.dtype),
+            steps=steps,
+            min_loss_value=0.0,
+            criteria=_criteria(engine),
+            check_every=engine["check_every"],
+            memory_budget_bytes=engine["memory_budget_mb"] << 20,
+            dtype=ctx.dtype,
+            on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
+            **kwargs,
         )
+
+
+# table headers, in the order of figures.STATUS_STYLE
+_SHORT_NAMES = ("minimum", "critical pt", "periodic", "not conv.", "diverged")
 
 
 def _status_fractions(status: np.ndarray) -> dict[str, float]:
@@ -305,113 +404,191 @@ def _status_fractions(status: np.ndarray) -> dict[str, float]:
 
 
 # ----- the study ----------------------------------------------------------------------------
+class _Context(NamedTuple):
+    """What the parts of the study share."""
+
+    dtype: Any
+    engine: Mapping[str, Any]
+    profile: MinimaProfile
+    criterion: str
+    progress: bool
+
+    def minima_at(self, eta: float) -> figures.MinimaCurve:
+        return figures.MinimaCurve(self.profile.xy, self.profile.thresholds > eta)
+
+
+def _phase_portraits(ctx: _Context, portraits: list[dict]) -> tuple[Any, dict, list]:
+    """Figure 1 from the engine's recordings of the iterates: (figure, arrays, summaries)."""
+    panels, arrays, summaries = [], {}, []
+    for i, panel in enumerate(portraits):
+        _, _, starts = initial_grid(panel["region"], panel["starts"], panel["starts"], ctx.dtype)
+        result = _run_sweep(
+            starts,
+            np.array([panel["eta"]]),
+            panel["steps"],
+            ctx,
+            f"portrait eta={panel['eta']:g}",
+            record_every=1,
+            record_params=True,
+        )
+        w1, w2 = (np.asarray(w)[0, :, :, 0, 0] for w in result.recorded_params)
+        paths = np.stack([w1, w2], axis=-1)  # (starts^2, steps + 1, 2), time 0 included
+        status = np.asarray(result.status)[0]
+        panels.append(
+            figures.PortraitPanel(
+                panel["eta"], panel["region"], paths, status, ctx.minima_at(panel["eta"])
+            )
+        )
+        arrays[f"portrait{i}_paths"] = paths
+        arrays[f"portrait{i}_status"] = status
+        summaries.append({"eta": panel["eta"], "status_fractions": _status_fractions(status)})
+    return figures.phase_portraits(panels), arrays, summaries
+
+
+def unstable_convergence_fraction(
+    result: SweepResult, criterion: str = "lambda_max"
+) -> Float[np.ndarray, " n_eta"]:
+    """Per step size, the share of the initialisations that :func:`gdlr_jax.sweep` classified
+    as converged to a minimum whose final point is *not* weakly stable (``eta >= 2 / lambda``).
+
+    Only a null set of initialisations can converge to such a minimum (Thm. 17: it is
+    unstable): a start on it (a fixed point), or a trajectory mapped exactly onto it. A
+    larger share means trajectories that passed within the engine's tolerances of M and were
+    classified at that moment (``docs/reproduction.md``).
+
+    Args:
+        result: a sweep of the two-neuron loss.
+        criterion: the eigenvalue of Def. 16.
+
+    Returns:
+        ``(n_eta,)`` shares.
+    """
+    status = np.asarray(result.status)
+    eta_index, init_index = np.nonzero(status == int(TrajectoryStatus.CONVERGED_MINIMUM))
+    w1, w2 = (np.asarray(w)[eta_index, init_index, 0, 0] for w in result.final_params)
+    unstable = weak_stability_thresholds(w1, w2, criterion) <= np.asarray(result.etas)[eta_index]
+    counts = np.bincount(eta_index[unstable], minlength=status.shape[0])
+    return counts / status.shape[1]
+
+
+def _trapping_region(ctx: _Context, sw: Mapping[str, Any], etas: np.ndarray) -> dict:
+    """The sweep of Figure 2: every initialisation of the grid at every step size."""
+    n = sw["resolution"]
+    xs, ys, params0 = initial_grid(sw["region"], n, n, ctx.dtype)
+    result = _run_sweep(params0, etas, sw["steps"], ctx, "trapping region")
+    return {
+        "sweep_eta": etas,
+        "sweep_x0": xs,
+        "sweep_y0": ys,
+        "sweep_status": np.asarray(result.status),
+        "sweep_steps_taken": np.asarray(result.steps_taken),
+        "sweep_final_loss": np.asarray(result.final_loss),
+        "sweep_asymptotic_step_norm": np.asarray(result.asymptotic_step_norm),
+        "sweep_period": np.asarray(result.period),
+        "sweep_converged_fraction": np.asarray(result.converged_fraction(), np.float64),
+        "sweep_converged_outside_mws": unstable_convergence_fraction(result, ctx.criterion),
+    }
+
+
+def _basin_map(ctx: _Context, basin: Mapping[str, Any]) -> dict:
+    """The status and steps of every initialisation of a fine grid at one step size."""
+    n = basin["resolution"]
+    xs, ys, params0 = initial_grid(basin["region"], n, n, ctx.dtype)
+    result = _run_sweep(
+        params0, np.array([basin["eta"]]), basin["steps"], ctx, f"basin map eta={basin['eta']:g}"
+    )
+    return {
+        "basin_x0": xs,
+        "basin_y0": ys,
+        "basin_status": np.asarray(result.status)[0].reshape(n, n),
+        "basin_steps_taken": np.asarray(result.steps_taken)[0].reshape(n, n),
+        "basin_converged_outside_mws": unstable_convergence_fraction(result, ctx.criterion),
+    }
+
+
 def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
-    """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`)."""
+    """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`).
+
+    Float64 is enabled for the duration (curvature and ``eta_E`` are always float64; the
+    trajectories use ``params["dtype"]``).
+    """
     with jax.enable_x64(True):
         return _run(params, output, progress)
 
 
 def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunReport:
+    ws, sw, basin = params["weak_stability"], params["sweep"], params["basin"]
+    # rounded so that e.g. 1.05 is reported as 1.05, not 1.0499999999999998
+    etas = np.round(np.linspace(sw["eta"]["start"], sw["eta"]["stop"], sw["eta"]["num"]), 12)
     timings = {}
-    dtype = jnp.dtype(params["dtype"])
-    ws, sw, basin_cfg = params["weak_stability"], params["sweep"], params["basin"]
-    engine = params["engine"]
-    etas = np.linspace(sw["eta"]["start"], sw["eta"]["stop"], sw["eta"]["num"])
 
     tic = time.perf_counter()
     profile = minima_profile(
-        branches=ws["branches"], log_extent=ws["log_extent"], points=ws["points"],
+        branches=ws["branches"],
+        log_extent=ws["log_extent"],
+        points=ws["points"],
         criterion=ws["criterion"],
     )
     eta_curve = np.linspace(min(etas[0], ws["reference_eta"]), etas[-1], ws["curve_points"])
-    _check_extent(profile, min(eta_curve[0], basin_cfg["eta"],
-                               *(p["eta"] for p in params["portraits"])), ws["log_extent"])
+    _check_extent(
+        profile,
+        min(eta_curve[0], basin["eta"], *(p["eta"] for p in params["portraits"])),
+        ws["log_extent"],
+    )
     reference_length = float(weakly_stable_length(profile, [ws["reference_eta"]])[0])
     length_curve = weakly_stable_length(profile, eta_curve) / reference_length
     mws_length = weakly_stable_length(profile, etas)
     timings["weak_stability"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    critical = linear.two_neuron(jnp.float64).critical_step_size(
-        restarts=params["critical_step_size"]["restarts"],
-        steps=params["critical_step_size"]["steps"],
-    )
+    critical = linear.two_neuron(jnp.float64).critical_step_size(**params["critical_step_size"])
     timings["critical_step_size"] = time.perf_counter() - tic
 
-    def minima_at(eta: float) -> figures.MinimaCurve:
-        return figures.MinimaCurve(profile.xy, profile.thresholds > eta)
-
+    ctx = _Context(jnp.dtype(params["dtype"]), params["engine"], profile, ws["criterion"], progress)
     arrays: dict[str, Any] = {
-        "minima_xy": profile.xy, "minima_arclength": profile.arclength,
+        "minima_xy": profile.xy,
+        "minima_arclength": profile.arclength,
         "minima_thresholds": profile.thresholds,
-        "curve_eta": eta_curve, "curve_mws_length_normalised": length_curve,
+        "curve_eta": eta_curve,
+        "curve_mws_length_normalised": length_curve,
+        "sweep_mws_length": mws_length,
+        "sweep_mws_length_normalised": mws_length / reference_length,
     }
-
-    # Figure 1
     tic = time.perf_counter()
-    panels, portrait_summaries = [], []
-    for i, panel in enumerate(params["portraits"]):
-        _, _, starts = initial_grid(panel["region"], panel["starts"], panel["starts"], dtype)
-        result = _run_sweep(starts, np.array([panel["eta"]]), panel["steps"], dtype, engine,
-                            f"portrait eta={panel['eta']:g}", progress,
-                            record_every=1, record_params=True)
-        w1, w2 = (np.asarray(w)[0, :, :, 0, 0] for w in result.recorded_params)
-        paths = np.stack([w1, w2], axis=-1)  # (starts^2, steps + 1, 2), time 0 included
-        status = np.asarray(result.status)[0]
-        panels.append(figures.PortraitPanel(panel["eta"], panel["region"], paths, status,
-                                            minima_at(panel["eta"])))
-        arrays[f"portrait{i}_paths"] = paths
-        arrays[f"portrait{i}_status"] = status
-        portrait_summaries.append({"eta": panel["eta"], "status_fractions": _status_fractions(status)})
+    figure1, portrait_arrays, portrait_summaries = _phase_portraits(ctx, params["portraits"])
+    arrays.update(portrait_arrays)
     timings["portraits"] = time.perf_counter() - tic
-
-    # Figure 2
     tic = time.perf_counter()
-    n = sw["resolution"]
-    xs, ys, params0 = initial_grid(sw["region"], n, n, dtype)
-    result = _run_sweep(params0, etas, sw["steps"], dtype, engine, "trapping region", progress)
-    status = np.asarray(result.status)
-    fraction = np.asarray(result.converged_fraction(), np.float64)
+    arrays.update(_trapping_region(ctx, sw, etas))
     timings["sweep"] = time.perf_counter() - tic
-    arrays.update(
-        sweep_eta=etas, sweep_x0=xs, sweep_y0=ys, sweep_status=status,
-        sweep_steps_taken=np.asarray(result.steps_taken), sweep_final_loss=np.asarray(result.final_loss),
-        sweep_asymptotic_step_norm=np.asarray(result.asymptotic_step_norm),
-        sweep_period=np.asarray(result.period),
-        sweep_converged_fraction=fraction, sweep_mws_length=mws_length,
-        sweep_mws_length_normalised=mws_length / reference_length,
-    )
-
-    # basin map
     tic = time.perf_counter()
-    nb = basin_cfg["resolution"]
-    bx, by, basin0 = initial_grid(basin_cfg["region"], nb, nb, dtype)
-    basin = _run_sweep(basin0, np.array([basin_cfg["eta"]]), basin_cfg["steps"], dtype, engine,
-                       f"basin map eta={basin_cfg['eta']:g}", progress)
-    basin_status = np.asarray(basin.status)[0].reshape(nb, nb)
-    basin_steps = np.asarray(basin.steps_taken)[0].reshape(nb, nb)
+    arrays.update(_basin_map(ctx, basin))
     timings["basin"] = time.perf_counter() - tic
-    arrays.update(basin_x0=bx, basin_y0=by, basin_status=basin_status, basin_steps_taken=basin_steps)
     output.write_arrays("results", arrays)
 
     tic = time.perf_counter()
     dpi = params["figures"]["dpi"]
-    output.save_figure(figures.phase_portraits(panels), "figure1_phase_portraits", dpi=dpi)
-    output.save_figure(
-        figures.weak_stability_vs_trapping(
-            eta_curve, length_curve, etas, fraction, critical.eta,
-            reference_eta=ws["reference_eta"], reference_length=reference_length,
-            criterion=ws["criterion"],
-        ),
-        "figure2_weak_stability",
-        dpi=dpi,
+    fraction, status = arrays["sweep_converged_fraction"], arrays["sweep_status"]
+    output.save_figure(figure1, "figure1_phase_portraits", dpi=dpi)
+    figure2 = figures.weak_stability_vs_trapping(
+        eta_curve,
+        length_curve,
+        etas,
+        fraction,
+        critical.eta,
+        reference_eta=ws["reference_eta"],
+        reference_length=reference_length,
+        criterion=ws["criterion"],
     )
-    output.save_figure(
-        figures.basin_map(basin_cfg["region"], basin_status, basin_steps, basin_cfg["eta"],
-                          minima_at(basin_cfg["eta"])),
-        "basin_map",
-        dpi=dpi,
+    output.save_figure(figure2, "figure2_weak_stability", dpi=dpi)
+    basin_figure = figures.basin_map(
+        basin["region"],
+        arrays["basin_status"],
+        arrays["basin_steps_taken"],
+        basin["eta"],
+        ctx.minima_at(basin["eta"]),
     )
+    output.save_figure(basin_figure, "basin_map", dpi=dpi)
     timings["figures"] = time.perf_counter() - tic
 
     per_eta = [
@@ -421,9 +598,11 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
             "status_fractions": _status_fractions(status[k]),
             "mws_length": float(mws_length[k]),
             "mws_length_normalised": float(mws_length[k] / reference_length),
+            "converged_outside_mws_fraction": float(arrays["sweep_converged_outside_mws"][k]),
         }
         for k, eta in enumerate(etas)
     ]
+    basin_fractions = _status_fractions(arrays["basin_status"])
     summary = {
         "eta_E": {
             "computed": critical.eta,
@@ -438,24 +617,40 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
         },
         "per_eta": per_eta,
         "portraits": portrait_summaries,
-        "basin": {"eta": basin_cfg["eta"], "starts": nb * nb,
-                  "status_fractions": _status_fractions(basin_status)},
+        "basin": {
+            "eta": basin["eta"],
+            "starts": int(arrays["basin_status"].size),
+            "status_fractions": basin_fractions,
+            "converged_outside_mws_fraction": float(arrays["basin_converged_outside_mws"][0]),
+        },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    names = [s.name.lower() for s in TrajectoryStatus]
-    headers = ["eta", *names, "|M_WS|", "|M_WS|/ref"]
+    names = [code.name.lower() for code in figures.STATUS_STYLE]
     rows = [
-        [p["eta"], *(p["status_fractions"][s] for s in names), p["mws_length"], p["mws_length_normalised"]]
+        [
+            p["eta"],
+            *(p["status_fractions"][s] for s in names),
+            p["mws_length"],
+            p["mws_length_normalised"],
+        ]
         for p in per_eta
     ]
     notes = [
         f"eta_E = {critical.eta:.10g} (critical_step_size; closed form {critical.closed_form})",
         f"|M_WS({ws['reference_eta']:g})| = {reference_length:.6g} "
         f"({ws['criterion']}, branches: {ws['branches']})",
-        "basin map at eta = {:g}: ".format(basin_cfg["eta"]) + ", ".join(
-            f"{k} {v:.1%}" for k, v in _status_fractions(basin_status).items() if v > 0
-        ),
+        f"basin map at eta = {basin['eta']:g}: "
+        + ", ".join(f"{k} {figures.share(v)}" for k, v in basin_fractions.items() if v > 0),
     ]
+    outside = arrays["sweep_converged_outside_mws"] * arrays["sweep_status"].shape[1]
+    if outside.any():
+        notes.append(
+            f"note: {int(outside.sum())} trajectories of the sweep were classified as converged "
+            "to a minimum outside M_WS(eta) (at eta = "
+            + ", ".join(f"{e:g}" for e in etas[outside > 0])
+            + "): they passed within the engine's tolerances of M; see docs/reproduction.md"
+        )
+    headers = ["eta", *_SHORT_NAMES, "|M_WS|", "|M_WS|/ref"]
     return RunReport(summary=summary, headers=headers, rows=rows, notes=notes)
 
 
