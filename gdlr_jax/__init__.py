@@ -12,6 +12,8 @@ Layers (each imports only the ones listed before it):
 The whole public API is re-exported here.
 """
 
+__version__ = "0.1.0"  # before the imports: submodules read it
+
 from gdlr_jax import linear as linear
 from gdlr_jax import data as data
 from gdlr_jax import mlp as mlp
@@ -54,7 +56,9 @@ from gdlr_jax._spectral_density import (
 )
 
 # --- engine (layer 4, issue 3) ---
+from gdlr_jax._checkpoint import CheckpointMismatchError as CheckpointMismatchError
 from gdlr_jax._minibatches import Minibatches as Minibatches
+from gdlr_jax._sweep import ChunkMemoryError as ChunkMemoryError
 from gdlr_jax._sweep import SweepChunk as SweepChunk
 from gdlr_jax._sweep import SweepPlan as SweepPlan
 from gdlr_jax._sweep import SweepResult as SweepResult
@@ -63,4 +67,3 @@ from gdlr_jax._sweep import sweep as sweep
 from gdlr_jax._trajectory_status import ConvergenceCriteria as ConvergenceCriteria
 from gdlr_jax._trajectory_status import TrajectoryStatus as TrajectoryStatus
 
-__version__ = "0.1.0"

@@ -15,7 +15,7 @@ forms that exist (``docs/theory.md``):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gdlr_jax._hessian import hessian
-
-if TYPE_CHECKING:
-    from gdlr_jax.linear import LinearNetwork
+from gdlr_jax.linear import LinearNetwork
 
 
 class CriticalStepSize(NamedTuple):
@@ -97,11 +95,23 @@ def critical_step_size(
 
     Returns:
         A :class:`CriticalStepSize`; ``closed_form`` holds the exact value where known.
+
+    Raises:
+        ValueError: before any compute, on a ``network`` that is not a ``LinearNetwork``, or
+            ``restarts``, ``steps``, ``learning_rate`` or ``spread`` out of range.
     """
+    if not isinstance(network, LinearNetwork):
+        raise ValueError(
+            f"network must be a gdlr_jax.linear.LinearNetwork, got {type(network).__name__}."
+        )
     for name, value in (("restarts", restarts), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
+    if not (
+        isinstance(learning_rate, (int, float))
+        and math.isfinite(learning_rate)
+        and learning_rate > 0
+    ):
         raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}.")
     key = jax.random.PRNGKey(0) if key is None else key
     closed_form = closed_form_critical_step_size(network)

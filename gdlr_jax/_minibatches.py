@@ -23,6 +23,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from gdlr_jax._hvp import check_finite
+
 PyTree = Any
 
 
@@ -53,8 +55,8 @@ def as_minibatches(batch_source: Any, dtype: Any) -> Minibatches:
 
     Raises:
         ValueError: if ``batch_source`` is not a pair, the data has no leaves, a leaf has no
-            leading axis, the leading axes differ or are empty, or ``batch_size`` is not an
-            integer in ``[1, n]``.
+            leading axis, the leading axes differ or are empty, ``batch_size`` is not an
+            integer in ``[1, n]``, or a data value is NaN or inf (after the cast to ``dtype``).
     """
     if not isinstance(batch_source, tuple) or len(batch_source) != 2:
         raise ValueError(
@@ -91,7 +93,9 @@ def as_minibatches(batch_source: Any, dtype: Any) -> Minibatches:
         jnp.asarray(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else jnp.asarray(a)
         for a in arrays
     ]
-    return Minibatches(jax.tree_util.tree_unflatten(treedef, cast), int(batch_size))
+    data = jax.tree_util.tree_unflatten(treedef, cast)
+    check_finite("batch_source data", data)
+    return Minibatches(data, int(batch_size))
 
 
 def epoch_permutation(

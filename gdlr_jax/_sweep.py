@@ -23,7 +23,10 @@ How it runs (details and every default in ``docs/engine.md``):
   replayed step by step (only the diverged ones, in compact blocks) to stop it at its last
   iterate inside the bound: ``steps_taken`` is then the exact step of divergence;
 * the final ``window`` iterates of the trajectories still running are kept to measure their
-  asymptotic step length and to look for periodic orbits.
+  asymptotic step length and to look for periodic orbits;
+* with ``sharpness_every = K``, the sharpness ``lambda_max`` of the full-batch Hessian is
+  estimated every ``K`` steps for every trajectory by a few Lanczos iterations
+  (Hessian-vector products), each warm-started from the trajectory's previous Ritz vector.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,6 +47,9 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from gdlr_jax._extreme_eigenvalues import top_eigenvalues
+from gdlr_jax._hvp import check_finite
+from gdlr_jax._lanczos import state_dtype
 from gdlr_jax._minibatches import (
     Minibatches,
     as_minibatches,
@@ -69,6 +76,7 @@ _REPLAY_BLOCK = 4096  # diverged trajectories replayed together (see _pinpoint_d
 # which ran ~1.5x faster than 4x larger chunks in benchmarks/bench_sweep.py (docs/engine.md).
 _CPU_LANES_PER_DEVICE = 16384
 _RUNNING = TrajectoryStatus.NOT_CONVERGED  # the status of a trajectory still being stepped
+_SHARPNESS_ITERATIONS = 20  # default Lanczos steps per sharpness measurement (at most d)
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,6 +109,13 @@ class SweepResult(NamedTuple):
             ``recorded_loss``.
         recorded_params: iterates at ``record_steps``, leaves ``(n_eta, n_init, n_rec, ...)``,
             only with ``record_params=True``.
+        sharpness_steps: the times ``0, K, 2K, ... <= steps`` at which the sharpness was
+            measured ``(n_sharp,)`` (``K = sharpness_every``), or ``None``.
+        recorded_sharpness: ``lambda_max`` of the full-batch Hessian at ``sharpness_steps``
+            ``(n_eta, n_init, n_sharp)``, or ``None``; slots after a trajectory finished hold
+            ``final_sharpness``. Compare with ``2 / eta`` (the edge of stability).
+        final_sharpness: ``lambda_max`` at the final iterate ``(n_eta, n_init)``, or ``None``
+            (only with ``sharpness_every``).
     """
 
     etas: Float[np.ndarray, " n_eta"]
@@ -116,6 +131,9 @@ class SweepResult(NamedTuple):
     recorded_loss: Float[np.ndarray, "n_eta n_init n_rec"] | None = None
     recorded_step_norm: Float[np.ndarray, "n_eta n_init n_rec"] | None = None
     recorded_params: PyTree | None = None
+    sharpness_steps: Int[np.ndarray, " n_sharp"] | None = None
+    recorded_sharpness: Float[np.ndarray, "n_eta n_init n_sharp"] | None = None
+    final_sharpness: Float[np.ndarray, "n_eta n_init"] | None = None
 
     def fraction(self, status: TrajectoryStatus | int) -> Float[np.ndarray, " n_eta"]:
         """Fraction of the initialisations with the given status, per step size."""
@@ -131,8 +149,8 @@ class SweepChunk(NamedTuple):
 
     Trajectory ``k`` is step size ``k // n_init`` and initialisation ``k % n_init``. The fields
     are those of :class:`SweepResult` (host NumPy arrays) with the grid axes flattened to one
-    axis of length ``stop - start``; ``recorded_*`` are ``None`` unless recordings were asked
-    for. A runner that persists chunks can save and reload them and pass them to
+    axis of length ``stop - start``; ``recorded_*`` and ``final_sharpness`` are ``None`` unless
+    recordings were asked for. A runner that persists chunks can save and reload them and pass them to
     :meth:`SweepPlan.assemble`.
     """
 
@@ -149,6 +167,8 @@ class SweepChunk(NamedTuple):
     recorded_loss: np.ndarray | None = None
     recorded_step_norm: np.ndarray | None = None
     recorded_params: PyTree | None = None
+    recorded_sharpness: np.ndarray | None = None
+    final_sharpness: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,6 +192,8 @@ class _EngineConfig:
     record_params: bool
     batch_size: int | None  # None: full-batch GD
     same_batches: bool
+    sharpness_every: int | None = None
+    sharpness_iterations: int = 0  # Lanczos iterations per sharpness estimate
 
     @property
     def window(self) -> int:
@@ -180,6 +202,10 @@ class _EngineConfig:
     @property
     def num_records(self) -> int:
         return 0 if self.record_every is None else self.steps // self.record_every + 1
+
+    @property
+    def num_sharpness(self) -> int:
+        return 0 if self.sharpness_every is None else self.steps // self.sharpness_every + 1
 
 
 class _Problem(NamedTuple):
@@ -216,17 +242,38 @@ class _Problem(NamedTuple):
             return ()
         return _transform(self.config.optimizer, eta).init(self.unravel(theta))
 
+    def value_and_grad(self, theta: Float[Array, " d"]) -> tuple[Float[Array, ""], Float[Array, " d"]]:
+        """Full-batch loss and gradient (batches weighted by their share of the data)."""
+        if self.data is None:
+            return jax.value_and_grad(self.loss)(theta)
+        source = Minibatches(self.data, self.config.batch_size)
+        return full_batch_value_and_grad(self.loss, theta, source)
+
     def evaluate(
         self, theta: Float[Array, " d"]
     ) -> tuple[Float[Array, ""], Float[Array, ""], Bool[Array, ""]]:
         """Full-batch loss, gradient norm and bound check."""
-        if self.data is None:
-            loss, grad = jax.value_and_grad(self.loss)(theta)
-        else:
-            source = Minibatches(self.data, self.config.batch_size)
-            loss, grad = full_batch_value_and_grad(self.loss, theta, source)
+        loss, grad = self.value_and_grad(theta)
         grad_norm = jnp.sqrt(sum_last_axis(jnp.square(grad)))
         return loss, grad_norm, within_bound(theta, self.config.criteria.divergence_bound)
+
+    def sharpness(
+        self, theta: Float[Array, " d"], v0: Float[Array, " d"]
+    ) -> tuple[Float[Array, ""], Float[Array, " d"]]:
+        """``lambda_max`` of the full-batch Hessian at ``theta`` and its Ritz vector, by
+        ``sharpness_iterations`` Lanczos steps from ``v0`` (forward-over-reverse products)."""
+
+        def matvec(v: Float[Array, " d"]) -> Float[Array, " d"]:
+            return jax.jvp(lambda x: self.value_and_grad(x)[1], (theta,), (v,))[1]
+
+        values, vectors = top_eigenvalues(
+            matvec,
+            theta,
+            num_iterations=self.config.sharpness_iterations,
+            v0=v0,
+            return_vectors=True,
+        )
+        return values[0], vectors[0]
 
 
 class _Lanes(NamedTuple):
@@ -243,6 +290,8 @@ class _Lanes(NamedTuple):
     recorded_loss: Float[Array, "m n_rec"] | None
     recorded_step_norm: Float[Array, "m n_rec"] | None
     recorded_theta: Float[Array, "m n_rec d"] | None
+    sharpness_vector: Float[Array, "m d"] | None  # the last Ritz vector (warm start)
+    recorded_sharpness: Float[Array, "m n_sharp"] | None
 
 
 class _LaneResults(NamedTuple):
@@ -257,6 +306,8 @@ class _LaneResults(NamedTuple):
     recorded_loss: Float[Array, "m n_rec"] | None
     recorded_step_norm: Float[Array, "m n_rec"] | None
     recorded_params: PyTree | None
+    recorded_sharpness: Float[Array, "m n_sharp"] | None
+    final_sharpness: Float[Array, " m"] | None
 
 
 def _transform(factory: OptimizerFactory, eta: Float[Array, ""]) -> optax.GradientTransformation:
@@ -343,7 +394,7 @@ def _advance(
 def _next_evaluation(config: _EngineConfig, t: Int[Array, ""]) -> Int[Array, ""]:
     """The evaluation time after ``t``: the least of ``steps``, the start of the final window
     (if still ahead), the next power of two (below ``check_every``), and the next multiples of
-    ``check_every`` and ``record_every``."""
+    ``check_every``, ``record_every`` and ``sharpness_every``."""
     every = config.check_every
     window_start = config.steps - config.window
     power_of_two = jnp.left_shift(jnp.int32(1), 32 - lax.clz(t))
@@ -352,8 +403,9 @@ def _next_evaluation(config: _EngineConfig, t: Int[Array, ""]) -> Int[Array, ""]
         jnp.where(t < every, power_of_two, config.steps),
         (t // every + 1) * every,
     ]
-    if config.record_every is not None:
-        candidates.append((t // config.record_every + 1) * config.record_every)
+    for interval in (config.record_every, config.sharpness_every):
+        if interval is not None:
+            candidates.append((t // interval + 1) * interval)
     return functools.reduce(jnp.minimum, candidates, jnp.int32(config.steps))
 
 
@@ -383,6 +435,27 @@ def _record(
     return lax.cond(t % config.record_every == 0, write, lambda lanes: lanes, lanes)
 
 
+def _record_sharpness(problem: _Problem, lanes: _Lanes, t: Int[Array, ""]) -> _Lanes:
+    """Measures ``lambda_max`` at every lane's iterate when ``t`` is a multiple of
+    ``sharpness_every``; a non-finite estimate (a lane outside the bound) keeps the previous
+    Ritz vector as the next warm start."""
+    every = problem.config.sharpness_every
+    if every is None:
+        return lanes
+
+    def write(lanes):
+        value, vector = jax.vmap(problem.sharpness)(lanes.theta, lanes.sharpness_vector)
+        finite = jnp.all(jnp.isfinite(vector), axis=1) & jnp.isfinite(value)
+        return lanes._replace(
+            sharpness_vector=_select(finite, vector, lanes.sharpness_vector),
+            recorded_sharpness=lax.dynamic_update_index_in_dim(
+                lanes.recorded_sharpness, value.astype(lanes.recorded_sharpness.dtype), t // every, 1
+            ),
+        )
+
+    return lax.cond(t % every == 0, write, lambda lanes: lanes, lanes)
+
+
 def _start(problem: _Problem, theta: Float[Array, "m d"], etas: Float[Array, " m"]) -> _Lanes:
     """Lanes at time 0: optimiser states, first evaluation, recordings allocated."""
     config = problem.config
@@ -405,6 +478,11 @@ def _start(problem: _Problem, theta: Float[Array, "m d"], etas: Float[Array, " m
             jnp.zeros((m, n_rec), loss.dtype),
             jnp.zeros((m, n_rec, d), theta.dtype) if config.record_params else None,
         )
+    sharpness_vector = recorded_sharpness = None
+    if config.num_sharpness:
+        start = jax.random.normal(jax.random.key(0), (d,), state_dtype())
+        sharpness_vector = jnp.broadcast_to(start, (m, d))
+        recorded_sharpness = jnp.zeros((m, config.num_sharpness), loss.dtype)
     lanes = _Lanes(
         theta=theta,
         opt_state=opt_state,
@@ -417,8 +495,11 @@ def _start(problem: _Problem, theta: Float[Array, "m d"], etas: Float[Array, " m
         recorded_loss=recordings[0],
         recorded_step_norm=recordings[1],
         recorded_theta=recordings[2],
+        sharpness_vector=sharpness_vector,
+        recorded_sharpness=recorded_sharpness,
     )
-    return _record(config, lanes, jnp.int32(0), loss, etas * grad_norm)
+    lanes = _record(config, lanes, jnp.int32(0), loss, etas * grad_norm)
+    return _record_sharpness(problem, lanes, jnp.int32(0))
 
 
 def _evaluate_and_freeze(
@@ -451,6 +532,7 @@ def _evaluate_and_freeze(
         min_loss=jnp.where(alive, jnp.minimum(lanes.min_loss, loss), lanes.min_loss),
     )
     stepped = _record(config, stepped, t1, loss, etas * grad_norm)
+    stepped = _record_sharpness(problem, stepped, t1)
 
     def settle(stepped):
         return stepped._replace(
@@ -569,8 +651,10 @@ def _pinpoint_divergence(
             keys if key_axis is None else take(keys),
         )
 
+        target = jnp.where(valid, index, m)  # slots of other blocks, and padding, write nowhere
+
         def put(old, new):
-            return old.at[index].set(_select(valid, new, take(old)))
+            return old.at[target].set(new, mode="drop")
 
         old_min = take(lanes.min_loss)
         lanes = lanes._replace(
@@ -592,17 +676,25 @@ def _pinpoint_divergence(
     return lanes
 
 
+def _fill_after_finish(
+    recorded: Float[Array, "m n ..."],
+    final: Float[Array, "m ..."],
+    every: int,
+    steps_taken: Int[Array, " m"],
+) -> Float[Array, "m n ..."]:
+    """Slot ``s`` (time ``s * every``) of a lane that finished before that time gets ``final``."""
+    after = (jnp.arange(recorded.shape[1]) * every)[None, :] > steps_taken[:, None]  # (m, n)
+    mask = after.reshape(after.shape + (1,) * (recorded.ndim - 2))
+    return jnp.where(mask, jnp.expand_dims(final, 1), recorded)
+
+
 def _fill_recordings(config: _EngineConfig, lanes: _Lanes, etas: Float[Array, " m"]) -> _Lanes:
     """Slots recorded after a lane finished hold its final values."""
     if config.record_every is None:
         return lanes
-    times = jnp.arange(config.num_records) * config.record_every
-    after = times[None, :] > lanes.steps_taken[:, None]  # (m, n_rec)
-
-    def fill(recorded, final):
-        mask = after.reshape(after.shape + (1,) * (recorded.ndim - 2))
-        return jnp.where(mask, jnp.expand_dims(final, 1), recorded)
-
+    fill = functools.partial(
+        _fill_after_finish, every=config.record_every, steps_taken=lanes.steps_taken
+    )
     return lanes._replace(
         recorded_loss=fill(lanes.recorded_loss, lanes.final_loss),
         recorded_step_norm=fill(lanes.recorded_step_norm, etas * lanes.final_grad_norm),
@@ -610,6 +702,22 @@ def _fill_recordings(config: _EngineConfig, lanes: _Lanes, etas: Float[Array, " 
             fill(lanes.recorded_theta, lanes.theta) if config.record_params else None
         ),
     )
+
+
+def _final_sharpness(
+    problem: _Problem, lanes: _Lanes
+) -> tuple[Float[Array, " m"] | None, Float[Array, "m n_sharp"] | None]:
+    """``lambda_max`` at the final iterates, also written into the sharpness slots after each
+    lane finished (a diverged lane's last measurement was not at its final iterate)."""
+    config = problem.config
+    if config.sharpness_every is None:
+        return None, None
+    final, _ = jax.vmap(problem.sharpness)(lanes.theta, lanes.sharpness_vector)
+    final = final.astype(lanes.recorded_sharpness.dtype)
+    recorded = _fill_after_finish(
+        lanes.recorded_sharpness, final, config.sharpness_every, lanes.steps_taken
+    )
+    return final, recorded
 
 
 def _run_lanes(
@@ -645,6 +753,7 @@ def _run_lanes(
     )
     lanes = _pinpoint_divergence(problem, lanes._replace(status=status), etas, keys)
     lanes = _fill_recordings(config, lanes, etas)
+    final_sharpness, recorded_sharpness = _final_sharpness(problem, lanes)
     diverged = lanes.status == TrajectoryStatus.DIVERGED
     asymptotic = jnp.where(
         still_running,
@@ -666,6 +775,8 @@ def _run_lanes(
         recorded_loss=lanes.recorded_loss,
         recorded_step_norm=lanes.recorded_step_norm,
         recorded_params=recorded_params,
+        recorded_sharpness=recorded_sharpness,
+        final_sharpness=final_sharpness,
     )
 
 
@@ -757,8 +868,10 @@ def _check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
             raise ValueError(
                 f"params0: leaves must be real arrays, got a leaf of dtype {a.dtype}."
             )
-    cast = [a.astype(dtype) for a in arrays]
-    return jax.tree_util.tree_unflatten(treedef, cast), n_init
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+        cast = jax.tree_util.tree_unflatten(treedef, [a.astype(dtype) for a in arrays])
+    check_finite("params0", cast)  # after the cast: a float64 value beyond float32 is inf
+    return cast, n_init
 
 
 def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -849,7 +962,8 @@ def _bytes_per_trajectory(
 
     Parameters are held about six times (iterate, rollback copy, step, gradient, evaluation),
     the optimiser state twice, plus the final-window history, the recordings and, with
-    per-initialisation batches, a shuffle and a batch. Activations of ``loss_fn`` are not
+    per-initialisation batches, a shuffle and a batch, and with sharpness tracking the Lanczos
+    basis. Activations of ``loss_fn`` are not
     counted: lower the budget for large models.
     """
     single = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
@@ -867,6 +981,11 @@ def _bytes_per_trajectory(
     scalar = np.dtype(jax.tree_util.tree_leaves(single)[0].dtype).itemsize
     total = (6 + config.window) * param_bytes + 2 * opt_bytes + 16 * scalar
     total += config.num_records * (2 * scalar + (param_bytes if config.record_params else 0))
+    if config.sharpness_every is not None:  # Lanczos basis, warm start, recordings
+        state = np.dtype(state_dtype()).itemsize
+        num_params = param_bytes // scalar
+        total += (config.sharpness_iterations + 3) * num_params * state
+        total += config.num_sharpness * scalar
     if source is not None and not config.same_batches:
         example_bytes = sum(
             math.prod(x.shape[1:]) * x.dtype.itemsize
@@ -874,6 +993,103 @@ def _bytes_per_trajectory(
         )
         total += 4 * source.num_examples + source.batch_size * example_bytes
     return int(total)
+
+
+class ChunkMemoryError(ValueError):
+    """A chunk of a sweep, or one trajectory, needs more memory than a device can allocate.
+
+    Raised by :func:`plan_sweep` before any compute; a ``ValueError`` like every bad argument.
+
+    Attributes:
+        per_trajectory: the estimated bytes of one trajectory.
+        limit: the bytes one device can allocate.
+        fit: the largest ``chunk_size`` that fits (0: not even one trajectory per device).
+    """
+
+    def __init__(self, message: str, *, per_trajectory: int, limit: int, fit: int):
+        super().__init__(message)
+        self.per_trajectory, self.limit, self.fit = per_trajectory, limit, fit
+
+
+def _allocatable_bytes(device: jax.Device) -> int | None:
+    """What ``device`` can allocate: its allocator's ``bytes_limit`` where it reports one (GPU,
+    TPU), else for a CPU device the host's available memory (``MemAvailable`` of
+    ``/proc/meminfo``, or the free pages); ``None`` when unknown."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10  # the value is in kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.3g} GiB"
+
+
+def _check_chunk_memory(
+    per_trajectory: int,
+    chunk_size: int,
+    devices: Sequence[jax.Device],
+    requested: int | None,
+    memory_budget_bytes: int,
+) -> None:
+    """Raises :class:`ChunkMemoryError` when a device's share of a chunk does not fit.
+
+    A device runs ``m = chunk_size / n_dev`` lanes of about ``per_trajectory`` bytes each
+    (:func:`_bytes_per_trajectory`); ``m * per_trajectory`` must not exceed
+    :func:`_allocatable_bytes` of any device (CPU devices share the host's memory, so each
+    gets ``1 / n_dev`` of it). ``requested`` is the ``chunk_size`` argument (``None``: sized
+    from ``memory_budget_bytes``); the message says which one to lower, and to what.
+    """
+    n_dev = len(devices)
+    if all(d.platform == "cpu" for d in devices):
+        host = _allocatable_bytes(devices[0])
+        limits = [] if host is None else [host // n_dev]
+    else:
+        limits = [b for b in map(_allocatable_bytes, devices) if b is not None]
+    if not limits:
+        return
+    limit = min(limits)
+    lanes = chunk_size // n_dev
+    if lanes * per_trajectory <= limit:
+        return
+    fit = limit // per_trajectory * n_dev
+    sizes = dict(per_trajectory=per_trajectory, limit=limit, fit=fit)
+    if fit == 0:
+        raise ChunkMemoryError(
+            f"one trajectory needs about {_gib(per_trajectory)} (an estimate: parameters, "
+            f"final window, recordings), more than the {_gib(limit)} a {devices[0].platform} "
+            "device can allocate: record less (record_every, record_params), take fewer "
+            "steps or use a smaller model.",
+            **sizes,
+        )
+    given = (
+        f"chunk_size = {requested}"
+        if requested is not None
+        else f"memory_budget_bytes = {memory_budget_bytes}"
+    )
+    how = (
+        f"pass chunk_size <= {fit}, or chunk_size=None to size chunks from memory_budget_bytes"
+        if requested is not None
+        else f"pass memory_budget_bytes <= {limit} or chunk_size <= {fit}"
+    )
+    raise ChunkMemoryError(
+        f"{given}: {lanes} trajectories per device need about {_gib(lanes * per_trajectory)} "
+        f"({_gib(per_trajectory)} each, an estimate), more than the {_gib(limit)} a "
+        f"{devices[0].platform} device can allocate; {how}.",
+        **sizes,
+    )
 
 
 class SweepPlan:
@@ -889,6 +1105,7 @@ class SweepPlan:
         chunk_size: trajectories per chunk (a multiple of the number of devices).
         num_chunks: ``ceil(num_trajectories / chunk_size)``.
         record_steps: the recorded times ``(n_rec,)`` or ``None``.
+        sharpness_steps: the times of the sharpness measurements ``(n_sharp,)`` or ``None``.
     """
 
     def __init__(
@@ -922,6 +1139,11 @@ class SweepPlan:
             None
             if config.record_every is None
             else np.arange(config.num_records) * config.record_every
+        )
+        self.sharpness_steps = (
+            None
+            if config.sharpness_every is None
+            else np.arange(config.num_sharpness) * config.sharpness_every
         )
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
@@ -985,6 +1207,7 @@ class SweepPlan:
         return SweepResult(
             etas=self._etas,
             record_steps=self.record_steps,
+            sharpness_steps=self.sharpness_steps,
             **fields,
         )
 
@@ -1003,6 +1226,8 @@ def plan_sweep(
     check_every: int = 128,
     record_every: int | None = None,
     record_params: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iterations: int | None = None,
     dtype: Any = jnp.float32,
     chunk_size: int | None = None,
     memory_budget_bytes: int = 1 << 30,
@@ -1011,8 +1236,8 @@ def plan_sweep(
 ) -> SweepPlan:
     """Validates the arguments of :func:`sweep` and cuts its grid into chunks.
 
-    Takes the arguments of :func:`sweep` (except ``progress`` and ``on_chunk``); raises the
-    same ``ValueError`` s, before any compute.
+    Takes the arguments of :func:`sweep` (except ``progress``, ``on_chunk`` and
+    ``checkpoint_dir``); raises the same ``ValueError`` s, before any compute.
     """
     dt = _check_dtype(dtype)
     etas_host = _check_etas(etas, dt)
@@ -1020,6 +1245,8 @@ def plan_sweep(
     _check_positive_int("steps", steps)
     _check_positive_int("check_every", check_every)
     _check_positive_int("record_every", record_every, allow_none=True)
+    _check_positive_int("sharpness_every", sharpness_every, allow_none=True)
+    _check_positive_int("sharpness_iterations", sharpness_iterations, allow_none=True)
     _check_positive_int("chunk_size", chunk_size, allow_none=True)
     _check_positive_int("memory_budget_bytes", memory_budget_bytes)
     if not isinstance(criteria, ConvergenceCriteria):
@@ -1033,6 +1260,18 @@ def plan_sweep(
         raise ValueError(f"min_loss_value must be a finite number or None, got {min_loss_value!r}.")
     if record_params and record_every is None:
         raise ValueError("record_params=True needs record_every (the recording interval).")
+    if sharpness_iterations is not None and sharpness_every is None:
+        raise ValueError("sharpness_iterations needs sharpness_every (the measuring interval).")
+    num_params = sum(
+        math.prod(leaf.shape[1:]) for leaf in jax.tree_util.tree_leaves(params_host)
+    )
+    if sharpness_iterations is None:
+        sharpness_iterations = min(_SHARPNESS_ITERATIONS, num_params)
+    elif sharpness_iterations > num_params:
+        raise ValueError(
+            f"sharpness_iterations = {sharpness_iterations} exceeds the number of parameters "
+            f"d = {num_params}: a Krylov space has at most d dimensions."
+        )
     source = None if batch_source is None else as_minibatches(batch_source, dt)
     key = _check_key(key, batch_source)
     _check_optimizer(optimizer)
@@ -1052,17 +1291,21 @@ def plan_sweep(
         record_params=bool(record_params),
         batch_size=None if source is None else source.batch_size,
         same_batches=bool(same_batches),
+        sharpness_every=None if sharpness_every is None else int(sharpness_every),
+        sharpness_iterations=0 if sharpness_every is None else int(sharpness_iterations),
     )
     n_dev = len(devices)
     total = etas_host.shape[0] * n_init
+    requested = chunk_size
+    per_trajectory = _bytes_per_trajectory(config, params_host, source)
     if chunk_size is None:
-        per_trajectory = _bytes_per_trajectory(config, params_host, source)
         per_device = max(1, memory_budget_bytes // per_trajectory)
         if all(d.platform == "cpu" for d in devices):
             per_device = min(per_device, _CPU_LANES_PER_DEVICE)
         chunk_size = per_device * n_dev
     chunk_size = min(int(chunk_size), total)
     chunk_size = -(-chunk_size // n_dev) * n_dev  # a multiple of the device count
+    _check_chunk_memory(per_trajectory, chunk_size, devices, requested, memory_budget_bytes)
     mesh = Mesh(np.array(devices), (_LANES,))
     return SweepPlan(config, params_host, etas_host, n_init, key, source, chunk_size, mesh)
 
@@ -1081,6 +1324,8 @@ def sweep(
     check_every: int = 128,
     record_every: int | None = None,
     record_params: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iterations: int | None = None,
     dtype: Any = jnp.float32,
     chunk_size: int | None = None,
     memory_budget_bytes: int = 1 << 30,
@@ -1088,6 +1333,7 @@ def sweep(
     same_batches: bool = True,
     progress: bool = False,
     on_chunk: Callable[[int, SweepChunk], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> SweepResult:
     """Runs GD (or SGD, or an optax optimiser) from every initialisation at every step size.
 
@@ -1123,6 +1369,13 @@ def sweep(
         record_every: record the full-batch loss and ``eta ||grad L||`` every this many steps
             (``None``: no recordings).
         record_params: also record the iterates (needs ``record_every``).
+        sharpness_every: measure the sharpness ``lambda_max`` of the full-batch Hessian every
+            this many steps (``None``: never), into ``recorded_sharpness`` and
+            ``final_sharpness``. Each measurement is ``sharpness_iterations`` Lanczos steps
+            (Hessian-vector products) per trajectory, warm-started from its previous Ritz
+            vector, so it tracks the top eigenvalue as it drifts (``docs/engine.md``).
+        sharpness_iterations: Lanczos steps per measurement, ``<= d`` (default
+            ``min(20, d)``, ``d`` the number of parameters).
         dtype: floating dtype of parameters, step sizes and floating data (float32 default;
             float64 needs ``jax_enable_x64``).
         chunk_size: trajectories per chunk (rounded up to a multiple of the device count); by
@@ -1134,16 +1387,27 @@ def sweep(
         same_batches: every trajectory sees the same minibatch sequence (default); ``False``:
             initialisation ``j`` uses the key ``fold_in(key, j)`` (shared by all step sizes).
         progress: show a progress bar over chunks.
-        on_chunk: called as ``on_chunk(index, chunk)`` after each chunk (e.g. to persist it).
+        on_chunk: called as ``on_chunk(index, chunk)`` after each chunk (e.g. to persist it),
+            loaded ones included.
+        checkpoint_dir: a folder where each finished chunk is saved atomically as it
+            completes; a chunk already saved there is loaded instead of run, so a sweep
+            interrupted at any moment resumes where it stopped, with identical results
+            (``gdlr_jax._checkpoint``, ``docs/engine.md``). ``None``: nothing is saved.
 
     Returns:
         A :class:`SweepResult` with arrays ``(n_eta, n_init)``.
 
     Raises:
         ValueError: before any compute, on bad arguments: non-positive, non-finite, empty or
-            non-1-D ``etas``; ``params0`` leaves without a common leading axis; ``steps < 1``;
-            a ``loss_fn`` that does not return a scalar; a malformed ``batch_source``; a
-            missing or superfluous ``key``; bad tolerances.
+            non-1-D ``etas``; ``params0`` leaves without a common leading axis; NaN or inf in
+            ``params0`` or the ``batch_source`` data (the message names the leaf and the
+            index); ``steps < 1``; a ``loss_fn`` that does not return a scalar; a malformed
+            ``batch_source``; a missing or superfluous ``key``; bad tolerances; a chunk (or one
+            trajectory) estimated to need more memory than a device can allocate
+            (``ChunkMemoryError``: the message says how to reduce it).
+        gdlr_jax._checkpoint.CheckpointMismatchError: (a ``ValueError``) when
+            ``checkpoint_dir`` holds chunks of a sweep with other arguments; the message names
+            what differs.
     """
     plan = plan_sweep(
         loss_fn,
@@ -1158,6 +1422,8 @@ def sweep(
         check_every=check_every,
         record_every=record_every,
         record_params=record_params,
+        sharpness_every=sharpness_every,
+        sharpness_iterations=sharpness_iterations,
         dtype=dtype,
         chunk_size=chunk_size,
         memory_budget_bytes=memory_budget_bytes,
@@ -1170,9 +1436,15 @@ def sweep(
 
         indices = tqdm(indices, desc="sweep", unit="chunk")
 
+    run_chunk = plan.run_chunk
+    if checkpoint_dir is not None:
+        from gdlr_jax._checkpoint import ChunkStore  # imports this module
+
+        run_chunk = ChunkStore(checkpoint_dir, plan).load_or_run
+
     def chunks():
         for index in indices:
-            chunk = plan.run_chunk(index)
+            chunk = run_chunk(index)
             if on_chunk is not None:
                 on_chunk(index, chunk)
             yield chunk

@@ -112,6 +112,27 @@ def test_divergence_is_stopped_at_the_exact_step():
     assert not np.max(np.abs(after)) <= bound
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 8])
+def test_every_diverged_trajectory_of_a_chunk_is_pinpointed(chunk_size):
+    """Regression: with fewer diverged lanes than lanes in a chunk, the replay of lane 0 was
+    overwritten by the padding of its block (a duplicate scatter index), leaving it at its
+    rollback point. Every chunking must stop each trajectory at its exact step."""
+    inits = np.array([[3.0, 2.5], [2.0, 2.1], [0.5, 1.5], [4.0, 1.0], [1.2, 1.1], [5.0, 4.0]])
+    etas = np.array([1.5, 0.9])
+    r = gdlr_jax.sweep(
+        two_neuron, inits, etas, steps=64, min_loss_value=0.0, dtype=jnp.float64,
+        chunk_size=chunk_size, check_every=16,
+    )
+    bound = ConvergenceCriteria().divergence_bound
+    diverged = np.argwhere(r.status == S.DIVERGED)
+    assert len(diverged) >= 4 and (r.status[0, 0] == S.DIVERGED)  # lane 0 of the first chunk
+    for i, j in diverged:
+        last = gd_iterate(two_neuron, inits[j], etas[i], r.steps_taken[i, j], jnp.float64)
+        np.testing.assert_allclose(r.final_params[i, j], last, rtol=1e-12)
+        assert np.max(np.abs(last)) <= bound
+        assert not np.max(np.abs(gd_iterate(two_neuron, last, etas[i], 1, jnp.float64))) <= bound
+
+
 # ----------------------------------------------------------------------------------------
 # The batched engine equals a loop over single trajectories
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The engine on 4 (forced host) devices gives the results of 1 device, bit for bit.
+"""The engine on 4 (forced host) devices gives the results of 1 device, bit for bit, and a
+sweep checkpointed on 1 device resumes on 4 with the same results.
 
 ``--xla_force_host_platform_device_count`` must be set before JAX starts, so the comparison
 runs in a fresh Python process.
@@ -13,9 +14,11 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    import jax, jax.numpy as jnp, numpy as np
+    import functools, pathlib, tempfile
+    import jax, jax.numpy as jnp, numpy as np, optax
     jax.config.update("jax_enable_x64", True)
     import gdlr_jax
+    from gdlr_jax._checkpoint import ChunkStore
 
     devices = jax.local_devices()
     assert len(devices) == 4, devices
@@ -38,18 +41,36 @@ SCRIPT = textwrap.dedent(
         "sgd per-init batches": dict(loss_fn=regression, params0=0.3 * jnp.ones((3, 3)),
                                      etas=[0.1, 0.3, 5.0], steps=40, batch_source=(data, 8),
                                      key=jax.random.key(1), same_batches=False),
+        "sgd momentum": dict(loss_fn=regression, params0=0.3 * jnp.ones((3, 3)),
+                             etas=[0.1, 0.3, 5.0], steps=40, batch_source=(data, 8),
+                             key=jax.random.key(1),
+                             optimizer=functools.partial(optax.sgd, momentum=0.9)),
     }
-    for name, kwargs in cases.items():
-        one = gdlr_jax.sweep(devices=devices[:1], **kwargs)
-        four = gdlr_jax.sweep(devices=devices, **kwargs)
-        plan = gdlr_jax.plan_sweep(devices=devices, **kwargs)
-        assert plan.chunk_size % 4 == 0, plan.chunk_size
+
+    def assert_identical(one, four, name):
         leaves_one, tree_one = jax.tree_util.tree_flatten(one)
         leaves_four, tree_four = jax.tree_util.tree_flatten(four)
         assert tree_one == tree_four, name
         for a, b in zip(leaves_one, leaves_four):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+    for name, kwargs in cases.items():
+        one = gdlr_jax.sweep(devices=devices[:1], **kwargs)
+        four = gdlr_jax.sweep(devices=devices, **kwargs)
+        plan = gdlr_jax.plan_sweep(devices=devices, **kwargs)
+        assert plan.chunk_size % 4 == 0, plan.chunk_size
+        assert_identical(one, four, name)
         print(name, "statuses", sorted(set(np.asarray(one.status).ravel().tolist())))
+
+    # chunks 0 and 1 saved by a sweep on one device; the rest run on four when resumed
+    kwargs = dict(cases["gd float64"], chunk_size=4, record_every=7)
+    folder = pathlib.Path(tempfile.mkdtemp()) / "checkpoints"
+    plan = gdlr_jax.plan_sweep(devices=devices[:1], **kwargs)
+    store = ChunkStore(folder, plan)
+    for index in range(2):
+        store.save(index, plan.run_chunk(index))
+    resumed = gdlr_jax.sweep(devices=devices, checkpoint_dir=folder, **kwargs)
+    assert_identical(gdlr_jax.sweep(devices=devices[:1], **kwargs), resumed, "resumed")
     print("IDENTICAL")
     """
 )

@@ -443,7 +443,11 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Conf
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (`gdlr list` shows the shipped configs)")
-    raw = _parse_yaml(path.read_text(), f"config file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {err}") from None
+    raw = _parse_yaml(text, f"config file {path}")
     try:
         return config_from_mapping(raw, path.stem, overrides=overrides, source=path)
     except ConfigError as err:

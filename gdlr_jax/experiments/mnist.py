@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from gdlr_jax import mlp
-from gdlr_jax._sweep import SweepResult, sweep
+from gdlr_jax._sweep import ChunkMemoryError, SweepResult, plan_sweep, sweep
 from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.data import MnistData, load_mnist
 from gdlr_jax.data.mnist import NUM_PIXELS, SOURCES
@@ -235,8 +235,10 @@ def load_data(data: Mapping[str, Any]) -> MnistData:
     """The training images of the config's ``data`` section (:func:`gdlr_jax.data.load_mnist`).
 
     Raises:
-        ConfigError: when the data folder or its files are missing, or no source can provide
-            MNIST (key ``data.data_dir``; a relative path is taken from the current directory).
+        ConfigError: in one line, when the data folder or its files are missing or corrupt
+            (wrong magic, truncated, bad gzip), or no source can provide MNIST (key
+            ``data.data_dir``, or ``data.source`` when its package is missing; a relative path
+            is taken from the current directory).
     """
     data_dir = pathlib.Path(data["data_dir"]).expanduser() if data["data_dir"] else None
     try:
@@ -248,11 +250,14 @@ def load_data(data: Mapping[str, Any]) -> MnistData:
             max_examples=data["max_examples"] or None,
             source=data["source"],
         )
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, ImportError, RuntimeError, ValueError) as err:
+        key = "data.source" if isinstance(err, ImportError) else "data.data_dir"
         where = "" if data_dir is None else f" (current directory {pathlib.Path.cwd()})"
+        first, *more = str(err).splitlines()  # the rest says how to get MNIST: docs/data.md
         raise ConfigError(
-            f"config key 'data.data_dir' has value {data['data_dir']!r}{where}: {err}",
-            "data.data_dir",
+            f"config key '{key}' has value {data[key[5:]]!r}{where}: {first}"
+            + (" (docs/data.md says how to get MNIST)" if more else ""),
+            key,
         ) from None
 
 
@@ -512,18 +517,13 @@ def _setting(params: Mapping[str, Any], n_examples: int) -> str:
     )
 
 
-def _sweep_depth(
-    problem: MlpProblem,
-    etas: np.ndarray,
-    params: Mapping[str, Any],
-    dtype: Any,
-    on_chunk: Callable[[int, Any], None],
-) -> SweepResult:
+def _sweep_arguments(
+    problem: MlpProblem, etas: np.ndarray, params: Mapping[str, Any], dtype: Any
+) -> tuple[tuple, dict[str, Any]]:
+    """The arguments ``(args, kwargs)`` of :func:`gdlr_jax.sweep` for one depth."""
     training, engine = params["training"], params["engine"]
-    return sweep(
-        problem.loss_fn,
-        problem.params0,
-        jnp.asarray(etas, dtype),
+    args = (problem.loss_fn, problem.params0, jnp.asarray(etas, dtype))
+    return args, dict(
         steps=training["steps"],
         batch_source=problem.batch_source,
         optimizer=problem.optimizer,
@@ -534,8 +534,54 @@ def _sweep_depth(
         record_every=training["record_every"],
         dtype=dtype,
         chunk_size=engine["etas_per_chunk"] * training["n_init"],
-        on_chunk=on_chunk,
     )
+
+
+def check_chunks_fit(
+    problems: Mapping[int, MlpProblem], etas: np.ndarray, params: Mapping[str, Any], dtype: Any
+) -> None:
+    """Plans the sweep of every depth (:func:`gdlr_jax.plan_sweep`) before any of them runs.
+
+    Raises:
+        ConfigError: in one line, when a depth's chunk of ``engine.etas_per_chunk x
+            training.n_init`` trajectories is estimated not to fit in a device's memory; the
+            message says how to reduce it.
+    """
+    per_chunk, n_init = params["engine"]["etas_per_chunk"], params["training"]["n_init"]
+    for depth, problem in problems.items():
+        args, kwargs = _sweep_arguments(problem, etas, params, dtype)
+        try:
+            plan_sweep(*args, **kwargs)
+        except ChunkMemoryError as err:
+            key, value = "engine.etas_per_chunk", per_chunk
+            if err.fit >= n_init:
+                how = f"use engine.etas_per_chunk <= {err.fit // n_init}"
+            elif err.fit:
+                key, value = "training.n_init", n_init
+                how = f"use training.n_init <= {err.fit} (and engine.etas_per_chunk = 1)"
+            else:
+                key, value = "training.steps", params["training"]["steps"]
+                how = "take fewer training.steps, record less often (training.record_every) "
+                how += "or use a smaller model"
+            raise ConfigError(
+                f"config key '{key}' has value {value}: depth {depth} does not fit in memory: "
+                f"{per_chunk} x {n_init} trajectories per chunk (engine.etas_per_chunk x "
+                f"training.n_init) of about {err.per_trajectory / 2**30:.3g} GiB each (an "
+                f"estimate), a device can allocate {err.limit / 2**30:.3g} GiB; {how}.",
+                key,
+            ) from None
+
+
+def _sweep_depth(
+    problem: MlpProblem,
+    etas: np.ndarray,
+    params: Mapping[str, Any],
+    dtype: Any,
+    on_chunk: Callable[[int, Any], None],
+    checkpoint_dir: pathlib.Path,
+) -> SweepResult:
+    args, kwargs = _sweep_arguments(problem, etas, params, dtype)
+    return sweep(*args, **kwargs, on_chunk=on_chunk, checkpoint_dir=checkpoint_dir)
 
 
 def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
@@ -561,19 +607,24 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
     etas = np.asarray(training["etas"], np.float64)
     depths = params["model"]["depths"]
     init_root, batch_key = jax.random.split(jax.random.key(training["seed"]))
+    problems = {
+        depth: mlp_problem(
+            data, depth, params["model"], training,
+            init_key=jax.random.fold_in(init_root, depth), batch_key=batch_key, dtype=dtype,
+        )
+        for depth in depths
+    }
+    check_chunks_fit(problems, etas, params, dtype)  # every depth, before any compute
 
     results = []
     total = len(depths) * len(etas) * training["n_init"]
     with progress_bar(total, "mnist sweeps", progress) as bar:
         for depth in depths:
             tic = time.perf_counter()
-            problem = mlp_problem(
-                data, depth, params["model"], training,
-                init_key=jax.random.fold_in(init_root, depth), batch_key=batch_key, dtype=dtype,
-            )
             result = _sweep_depth(
-                problem, etas, params, dtype,
+                problems[depth], etas, params, dtype,
                 on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
+                checkpoint_dir=output.checkpoint_dir(f"depth{depth}"),
             )
             results.append(result)
             timings[f"depth_{depth}"] = time.perf_counter() - tic

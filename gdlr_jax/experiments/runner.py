@@ -9,12 +9,17 @@ renamed into place, so an interrupted run never leaves a half-written file):
 * the experiment's arrays (``results.npz``) and figures (``<figure>.png`` and ``.pdf``);
 * ``summary.json``, written last: the experiment's summary plus the run's metadata (config
   fingerprint, gdlr_jax version, overrides, wall time, files). A folder without it holds an
-  unfinished run.
+  unfinished run;
+* while running, ``checkpoints/<sweep>/``: the finished chunks of each sweep
+  (``gdlr_jax._checkpoint``), removed once ``summary.json`` is written.
 
 A previous run is never overwritten silently: without ``--out`` a taken ``runs/NAME`` becomes
 ``runs/NAME-2``, ``runs/NAME-3``, ...; an explicit ``--out`` that is not empty is an error
 unless ``overwrite=True``, which replaces it only when it holds a previous run (a
-``config.yaml``).
+``config.yaml``). ``resume=True`` continues the unfinished run in the folder instead (default
+``runs/NAME`` itself): its sweeps load their saved chunks and run the others, giving the
+results of an uninterrupted run; a folder holding a run of another config fingerprint is
+refused.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
@@ -36,6 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from gdlr_jax import __version__
+from gdlr_jax._checkpoint import write_atomically
 from gdlr_jax.experiments.config import Config, ConfigError, get_experiment
 
 #: the config that ``gdlr run`` runs when none is named.
@@ -43,8 +49,7 @@ DEFAULT_CONFIG = "two_neuron"
 #: where default output folders go, relative to the working directory.
 RUNS_DIR = pathlib.Path("runs")
 _RUN_MARKER = "config.yaml"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+_CHECKPOINTS = "checkpoints"
 
 
 # ----- finding configs ----------------------------------------------------------------------
@@ -115,8 +120,10 @@ def output_dir_for(
     *,
     overwrite: bool = False,
     runs_dir: str | os.PathLike = RUNS_DIR,
+    resume: bool = False,
 ) -> pathlib.Path:
-    """The folder a run writes to; never one holding a previous run unless ``overwrite``.
+    """The folder a run writes to; never one holding a previous run unless ``overwrite`` or
+    ``resume``.
 
     Args:
         config_name: the config's name.
@@ -124,14 +131,24 @@ def output_dir_for(
         overwrite: replace a previous run in the chosen folder (only a folder holding a
             ``config.yaml`` is ever deleted).
         runs_dir: the parent of default folders.
+        resume: the folder to continue a run in: ``out``, or ``runs_dir / config_name``
+            itself (never a numbered one), whatever it holds (:func:`run_config` checks it).
 
     Returns:
         A path that does not exist yet or is an empty folder (nothing is created or deleted
-        here unless ``overwrite`` replaces a previous run).
+        here unless ``overwrite`` replaces a previous run); with ``resume``, the folder.
 
     Raises:
-        ConfigError: when ``out`` is a file, or is a non-empty folder without ``overwrite``.
+        ConfigError: when ``out`` is a file, or is a non-empty folder without ``overwrite``
+            or ``resume``, or when both ``overwrite`` and ``resume`` are given.
     """
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other: choose one")
+    if resume:
+        path = pathlib.Path(runs_dir) / config_name if out is None else pathlib.Path(out)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path}: exists and is not a folder")
+        return path
     if out is not None:
         path = pathlib.Path(out)
         if path.exists() and not path.is_dir():
@@ -166,33 +183,49 @@ class RunOutput:
 
     Attributes:
         files: names of the files written so far, in order.
+
+    Raises:
+        ConfigError: when the folder cannot be created or written to (nothing is left behind).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot create the output folder {self.path}: {err.strerror or err}; "
+                "choose another --out"
+            ) from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            if created:
+                self.path.rmdir()
+            raise ConfigError(f"output folder {self.path} is not writable; choose another --out")
         self.files: list[str] = []
 
     def _write(self, name: str, write: Callable[[IO[bytes]], None]) -> pathlib.Path:
-        target = self.path / name
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-            os.replace(tmp, target)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
+        target = write_atomically(self.path / name, write)
         if name not in self.files:
             self.files.append(name)
         return target
 
+    def checkpoint_dir(self, sweep: str) -> pathlib.Path:
+        """The checkpoint folder of the sweep named ``sweep`` (``checkpoints/<sweep>``), for
+        ``gdlr_jax.sweep(..., checkpoint_dir=...)``."""
+        return self.path / _CHECKPOINTS / sweep
+
+    def remove_checkpoints(self) -> None:
+        """Deletes the checkpoint folders (once the run's results are written)."""
+        shutil.rmtree(self.path / _CHECKPOINTS, ignore_errors=True)
+
     def remove(self) -> None:
-        """Deletes the files written so far, and the folder if that leaves it empty."""
+        """Deletes the files written so far and the checkpoints, and the folder if that
+        leaves it empty."""
         for name in self.files:
             (self.path / name).unlink(missing_ok=True)
         self.files.clear()
+        self.remove_checkpoints()
         if _is_empty_dir(self.path):
             self.path.rmdir()
 
@@ -291,6 +324,80 @@ class RunOutcome:
     summary: dict
 
 
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C (``KeyboardInterrupt``) in its experiment.
+
+    The chunks its sweeps finished are saved in ``path``; ``run_config(config, out=path,
+    resume=True)`` continues it.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__(f"interrupted; finished chunks are saved in {path}")
+        self.path = path
+
+
+def _dotted(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"sweep.steps": 2000, "portraits.0.eta": 0.4, ...}``."""
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, sub in items:
+        out.update(_dotted(sub, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _difference(saved_yaml: str, config: Config) -> str:
+    """The keys of a saved resolved config that differ from ``config``, in a few words."""
+    try:
+        saved = _dotted(yaml.safe_load(saved_yaml))
+    except yaml.YAMLError:
+        return f"its {_RUN_MARKER} is not valid YAML"
+    now = _dotted(config.resolved())
+    keys = [
+        k
+        for k in dict.fromkeys([*saved, *now])
+        if k != "description" and saved.get(k) != now.get(k)
+    ]
+    if not keys:
+        return f"same keys, written by another gdlr_jax version than {__version__}"
+    shown = "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys[:3])
+    return shown + (f"; and {len(keys) - 3} more keys" if len(keys) > 3 else "")
+
+
+def _previous_run(path: pathlib.Path, config: Config) -> dict | None:
+    """Checks that the run in ``path`` (if any) is one of ``config``, so that it can be resumed.
+
+    Returns:
+        The contents of its ``summary.json`` when that run is finished, else ``None``.
+
+    Raises:
+        ConfigError: when ``path`` holds files but no run, or a run whose config fingerprint
+            (``config.yaml``) is not ``config.fingerprint``; the message says which keys differ.
+    """
+    if not path.exists() or _is_empty_dir(path):
+        return None
+    marker = path / _RUN_MARKER
+    if not marker.is_file():
+        raise ConfigError(
+            f"cannot resume in {path}: it is not empty and holds no gdlr run (no {_RUN_MARKER}); "
+            "choose another --out"
+        )
+    text = marker.read_text()
+    found = re.search(r"fingerprint ([0-9a-f]{64})", text.partition("\n")[0])
+    if found is None or found.group(1) != config.fingerprint:
+        raise ConfigError(
+            f"cannot resume in {path}: it holds a run of a different config "
+            f"({_difference(text, config)}); choose another --out, or replace that run with "
+            "--overwrite"
+        )
+    summary = path / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
 def run_config(
     config: Config,
     *,
@@ -299,6 +406,7 @@ def run_config(
     progress: bool = True,
     stream: IO[str] | None = None,
     runs_dir: str | os.PathLike = RUNS_DIR,
+    resume: bool = False,
 ) -> RunOutcome:
     """Runs a validated config and writes its output folder (see the module docstring).
 
@@ -309,25 +417,47 @@ def run_config(
         progress: show progress bars (stderr).
         stream: where the summary table goes (default stdout).
         runs_dir: the parent of default output folders.
+        resume: continue the unfinished run of ``config`` in ``out`` (default
+            ``runs_dir / config.name``): sweeps load the chunks saved in its ``checkpoints/``
+            and run the others. A finished run is returned as it is; an empty or missing
+            folder starts a new run.
 
     Returns:
         A :class:`RunOutcome`.
+
+    Raises:
+        ConfigError: on a config found impossible while computing (the run's files are
+            removed), or with ``resume``, on a folder holding another config's run.
+        RunInterrupted: on ``KeyboardInterrupt`` during the experiment (the saved chunks are
+            kept).
     """
     stream = sys.stdout if stream is None else stream
     experiment = get_experiment(config.experiment)
-    path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir)
+    path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir, resume=resume)
+    resuming = resume and (path / _RUN_MARKER).is_file()
+    if resume:
+        finished = _previous_run(path, config)
+        if finished is not None:
+            note = f"gdlr: {path} holds the finished run of this config; nothing to resume"
+            print(note, file=stream)
+            return RunOutcome(path, finished)
     output = RunOutput(path)
     fingerprint = config.fingerprint
     output.write_text(
         _RUN_MARKER, f"# gdlr resolved config; fingerprint {fingerprint}\n" + config.to_yaml()
     )
-    print(f"gdlr: running {config.name} ({config.experiment}) into {path}", file=stream)
+    if resuming:
+        print(f"gdlr: resuming {config.name} ({config.experiment}) in {path}", file=stream)
+    else:
+        print(f"gdlr: running {config.name} ({config.experiment}) into {path}", file=stream)
     start = time.perf_counter()
     try:
         report = experiment.run(config.params, output, progress=progress)
     except ConfigError:  # a config found impossible while computing: leave no partial run
         output.remove()
         raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(path) from None
     summary = {
         "config": config.name,
         "experiment": config.experiment,
@@ -341,6 +471,7 @@ def run_config(
         **report.summary,
     }
     output.write_json("summary.json", summary)
+    output.remove_checkpoints()  # the run is complete: results.npz holds what they held
     print(format_table(report.headers, report.rows), file=stream)
     for line in report.notes:
         print(line, file=stream)

@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from gdlr_jax import linear
 from gdlr_jax._stability import CRITERIA, weak_stability_threshold
-from gdlr_jax._sweep import SweepResult, sweep
+from gdlr_jax._sweep import ChunkMemoryError, SweepResult, sweep
 from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.experiments import figures
 from gdlr_jax.experiments.config import ConfigError, Experiment, Numbers, Repeated, Scalar, Section
@@ -375,9 +375,16 @@ def _two_neuron_loss(dtype_name: str) -> Any:
 
 
 def _run_sweep(
-    params0: list, etas: np.ndarray, steps: int, ctx: _Context, desc: str, **kwargs: Any
+    params0: list,
+    etas: np.ndarray,
+    steps: int,
+    ctx: _Context,
+    name: str,
+    desc: str,
+    **kwargs: Any,
 ) -> SweepResult:
-    """:func:`gdlr_jax.sweep` of the two-neuron loss, with a progress bar over trajectories."""
+    """:func:`gdlr_jax.sweep` of the two-neuron loss, with a progress bar over trajectories;
+    its finished chunks are saved in the run's checkpoint folder ``name`` (resumable)."""
     engine = ctx.engine
     with progress_bar(len(etas) * params0[0].shape[0], desc, ctx.progress) as bar:
         return sweep(
@@ -391,6 +398,7 @@ def _run_sweep(
             memory_budget_bytes=engine["memory_budget_mb"] << 20,
             dtype=ctx.dtype,
             on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
+            checkpoint_dir=ctx.output.checkpoint_dir(name),
             **kwargs,
         )
 
@@ -412,6 +420,7 @@ class _Context(NamedTuple):
     profile: MinimaProfile
     criterion: str
     progress: bool
+    output: RunOutput  # where the sweeps save their finished chunks
 
     def minima_at(self, eta: float) -> figures.MinimaCurve:
         return figures.MinimaCurve(self.profile.xy, self.profile.thresholds > eta)
@@ -427,6 +436,7 @@ def _phase_portraits(ctx: _Context, portraits: list[dict]) -> tuple[Any, dict, l
             np.array([panel["eta"]]),
             panel["steps"],
             ctx,
+            f"portrait{i}",
             f"portrait eta={panel['eta']:g}",
             record_every=1,
             record_params=True,
@@ -475,7 +485,7 @@ def _trapping_region(ctx: _Context, sw: Mapping[str, Any], etas: np.ndarray) -> 
     """The sweep of Figure 2: every initialisation of the grid at every step size."""
     n = sw["resolution"]
     xs, ys, params0 = initial_grid(sw["region"], n, n, ctx.dtype)
-    result = _run_sweep(params0, etas, sw["steps"], ctx, "trapping region")
+    result = _run_sweep(params0, etas, sw["steps"], ctx, "trapping_region", "trapping region")
     return {
         "sweep_eta": etas,
         "sweep_x0": xs,
@@ -495,7 +505,12 @@ def _basin_map(ctx: _Context, basin: Mapping[str, Any]) -> dict:
     n = basin["resolution"]
     xs, ys, params0 = initial_grid(basin["region"], n, n, ctx.dtype)
     result = _run_sweep(
-        params0, np.array([basin["eta"]]), basin["steps"], ctx, f"basin map eta={basin['eta']:g}"
+        params0,
+        np.array([basin["eta"]]),
+        basin["steps"],
+        ctx,
+        "basin_map",
+        f"basin map eta={basin['eta']:g}",
     )
     return {
         "basin_x0": xs,
@@ -511,9 +526,27 @@ def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> 
 
     Float64 is enabled for the duration (curvature and ``eta_E`` are always float64; the
     trajectories use ``params["dtype"]``).
+
+    Raises:
+        ConfigError: in one line, when a sweep is estimated not to fit in a device's memory
+            (:func:`gdlr_jax.plan_sweep`, before that sweep computes); it says how to reduce it.
     """
     with jax.enable_x64(True):
-        return _run(params, output, progress)
+        try:
+            return _run(params, output, progress)
+        except ChunkMemoryError as err:
+            key, value = "engine.memory_budget_mb", params["engine"]["memory_budget_mb"]
+            how = f"use engine.memory_budget_mb <= {err.limit >> 20}"
+            if not err.fit:  # only the portraits record (every step) enough for this
+                key = "portraits.<i>.steps"
+                value = [portrait["steps"] for portrait in params["portraits"]]
+                how = "take fewer steps (each step of a portrait is recorded)"
+            raise ConfigError(
+                f"config key '{key}' has value {value}: a sweep does not fit in memory: about "
+                f"{err.per_trajectory / 2**30:.3g} GiB per trajectory (an estimate), a device "
+                f"can allocate {err.limit / 2**30:.3g} GiB; {how}.",
+                key,
+            ) from None
 
 
 def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunReport:
@@ -544,7 +577,9 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
     critical = linear.two_neuron(jnp.float64).critical_step_size(**params["critical_step_size"])
     timings["critical_step_size"] = time.perf_counter() - tic
 
-    ctx = _Context(jnp.dtype(params["dtype"]), params["engine"], profile, ws["criterion"], progress)
+    ctx = _Context(
+        jnp.dtype(params["dtype"]), params["engine"], profile, ws["criterion"], progress, output
+    )
     arrays: dict[str, Any] = {
         "minima_xy": profile.xy,
         "minima_arclength": profile.arclength,
