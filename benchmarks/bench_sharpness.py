@@ -19,7 +19,7 @@ and draws ``recorded_sharpness`` against ``2 / eta``
 Usage (the figures in docs/benchmarks.md, section Sharpness, were made with the defaults)::
 
     python benchmarks/bench_sharpness.py [--data-dir DIR] [--examples 256] [--depth 2]
-        [--n-init 8] [--steps 1000] [--every 20] [--etas 0.1 0.5 1.0 2.0] [--repeats 3]
+        [--n-init 8] [--steps 1000] [--every 20] [--iterations 20] [--etas 0.1 0.5 1.0 2.0] [--repeats 3]
         [--figure docs/figures/sharpness_mnist_gelu_mse.png]
 """
 
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--n-init", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=20, help="sharpness_every")
+    parser.add_argument("--iterations", type=int, default=20, help="sharpness_iterations")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -79,6 +80,7 @@ def main() -> None:
         return gdlr_jax.sweep(
             full_batch_loss, params0, etas, steps=args.steps, criteria=criteria,
             check_every=50, sharpness_every=every,
+            sharpness_iterations=None if every is None else args.iterations,
         )
 
     methods = {"without sharpness": lambda: run(None), "with sharpness": lambda: run(args.every)}
@@ -88,7 +90,6 @@ def main() -> None:
     assert np.array_equal(plain.status, tracked.status), "sharpness tracking changed the run"
 
     d = sum(x[0].size for x in jax.tree.leaves(params0))
-    iterations = min(20, d)
     measurements = len(tracked.sharpness_steps) + 1  # + the one at the final iterate
     print(
         f"\nMLP 784 -> {args.width} x {args.depth} -> 2 (d = {d:,}), {batch[0].shape[0]} "
@@ -98,7 +99,7 @@ def main() -> None:
         f"sweep without sharpness: {seconds['without sharpness']:.3f} s; with "
         f"sharpness_every={args.every}: {seconds['with sharpness']:.3f} s "
         f"(ratio {seconds['with sharpness'] / seconds['without sharpness']:.2f}); "
-        f"{measurements} measurements x {iterations} HVPs per trajectory"
+        f"{measurements} measurements x {args.iterations} HVPs per trajectory"
     )
 
     reference = jax.jit(

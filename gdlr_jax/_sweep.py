@@ -150,7 +150,8 @@ class SweepChunk(NamedTuple):
     Trajectory ``k`` is step size ``k // n_init`` and initialisation ``k % n_init``. The fields
     are those of :class:`SweepResult` (host NumPy arrays) with the grid axes flattened to one
     axis of length ``stop - start``; ``recorded_*`` and ``final_sharpness`` are ``None`` unless
-    recordings were asked for. A runner that persists chunks can save and reload them and pass them to
+    recordings were asked for. A runner that persists chunks can save and reload them and pass
+    them to
     :meth:`SweepPlan.assemble`.
     """
 
@@ -242,7 +243,9 @@ class _Problem(NamedTuple):
             return ()
         return _transform(self.config.optimizer, eta).init(self.unravel(theta))
 
-    def value_and_grad(self, theta: Float[Array, " d"]) -> tuple[Float[Array, ""], Float[Array, " d"]]:
+    def value_and_grad(
+        self, theta: Float[Array, " d"]
+    ) -> tuple[Float[Array, ""], Float[Array, " d"]]:
         """Full-batch loss and gradient (batches weighted by their share of the data)."""
         if self.data is None:
             return jax.value_and_grad(self.loss)(theta)
@@ -449,7 +452,10 @@ def _record_sharpness(problem: _Problem, lanes: _Lanes, t: Int[Array, ""]) -> _L
         return lanes._replace(
             sharpness_vector=_select(finite, vector, lanes.sharpness_vector),
             recorded_sharpness=lax.dynamic_update_index_in_dim(
-                lanes.recorded_sharpness, value.astype(lanes.recorded_sharpness.dtype), t // every, 1
+                lanes.recorded_sharpness,
+                value.astype(lanes.recorded_sharpness.dtype),
+                t // every,
+                1,
             ),
         )
 
