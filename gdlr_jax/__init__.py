@@ -59,6 +59,7 @@ from gdlr_jax._spectral_density import (
 from gdlr_jax._checkpoint import CheckpointMismatchError as CheckpointMismatchError
 from gdlr_jax._minibatches import Minibatches as Minibatches
 from gdlr_jax._sweep import ChunkMemoryError as ChunkMemoryError
+from gdlr_jax._sweep import HostMemoryError as HostMemoryError
 from gdlr_jax._sweep import SweepChunk as SweepChunk
 from gdlr_jax._sweep import SweepPlan as SweepPlan
 from gdlr_jax._sweep import SweepResult as SweepResult

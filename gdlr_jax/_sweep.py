@@ -850,10 +850,18 @@ def _check_etas(etas: Any, dtype: Any) -> np.ndarray:
 
 
 def _check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
+    """``params0`` cast to ``dtype`` on the host, and ``n_init``; ``jax.ShapeDtypeStruct``
+    leaves (an abstract plan) stay abstract."""
     leaves, treedef = jax.tree_util.tree_flatten(params0)
     if not leaves:
         raise ValueError("params0: the pytree has no array leaves; expected at least one.")
-    arrays = [np.asarray(leaf) for leaf in leaves]
+    abstract = [isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves]
+    if any(abstract) and not all(abstract):
+        raise ValueError(
+            "params0: every leaf must be an array, or every leaf a jax.ShapeDtypeStruct (an "
+            "abstract plan); got a mix."
+        )
+    arrays = leaves if all(abstract) else [np.asarray(leaf) for leaf in leaves]
     shapes = [a.shape for a in arrays]
     if any(a.ndim == 0 for a in arrays):
         raise ValueError(
@@ -874,6 +882,9 @@ def _check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
             raise ValueError(
                 f"params0: leaves must be real arrays, got a leaf of dtype {a.dtype}."
             )
+    if all(abstract):
+        cast = [jax.ShapeDtypeStruct(a.shape, dtype) for a in arrays]
+        return jax.tree_util.tree_unflatten(treedef, cast), n_init
     with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
         cast = jax.tree_util.tree_unflatten(treedef, [a.astype(dtype) for a in arrays])
     check_finite("params0", cast)  # after the cast: a float64 value beyond float32 is inf
@@ -939,7 +950,7 @@ def _check_optimizer(optimizer: Any) -> None:
 def _check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> None:
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {loss_fn!r}.")
-    single = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    single = _one_trajectory(params)
     args = (single,)
     if source is not None:
         batch = jax.tree_util.tree_map(
@@ -961,6 +972,16 @@ def _check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> Non
         )
 
 
+def _tree_bytes(tree: PyTree) -> int:
+    """Bytes of the leaves of a pytree of arrays or ``jax.ShapeDtypeStruct`` s."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def _one_trajectory(params: PyTree) -> PyTree:
+    """The shapes of one initialisation: ``params`` leaves without their leading axis."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+
+
 def _bytes_per_trajectory(
     config: _EngineConfig, params: PyTree, source: Minibatches | None
 ) -> int:
@@ -972,17 +993,14 @@ def _bytes_per_trajectory(
     basis. Activations of ``loss_fn`` are not
     counted: lower the budget for large models.
     """
-    single = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
-    param_bytes = sum(
-        math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(single)
-    )
+    single = _one_trajectory(params)
+    param_bytes = _tree_bytes(single)
     opt_bytes = 0
     if config.optimizer is not None:
-        opt_shapes = jax.eval_shape(
-            lambda p: _transform(config.optimizer, jnp.ones((), jnp.float32)).init(p), single
-        )
-        opt_bytes = sum(
-            math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(opt_shapes)
+        opt_bytes = _tree_bytes(
+            jax.eval_shape(
+                lambda p: _transform(config.optimizer, jnp.ones((), jnp.float32)).init(p), single
+            )
         )
     scalar = np.dtype(jax.tree_util.tree_leaves(single)[0].dtype).itemsize
     total = (6 + config.window) * param_bytes + 2 * opt_bytes + 16 * scalar
@@ -998,6 +1016,18 @@ def _bytes_per_trajectory(
             for x in jax.tree_util.tree_leaves(source.data)
         )
         total += 4 * source.num_examples + source.batch_size * example_bytes
+    return int(total)
+
+
+def _result_bytes_per_trajectory(config: _EngineConfig, params: PyTree) -> int:
+    """Host memory of one trajectory's results in a :class:`SweepResult`, in bytes: the
+    per-trajectory fields, the final parameters and the recordings."""
+    param_bytes = _tree_bytes(_one_trajectory(params))
+    scalar = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
+    total = 3 * 4 + 4 * scalar + param_bytes  # status, steps, period; losses and norms
+    total += config.num_records * (2 * scalar + (param_bytes if config.record_params else 0))
+    if config.sharpness_every is not None:
+        total += (config.num_sharpness + 1) * scalar
     return int(total)
 
 
@@ -1017,15 +1047,27 @@ class ChunkMemoryError(ValueError):
         self.per_trajectory, self.limit, self.fit = per_trajectory, limit, fit
 
 
-def _allocatable_bytes(device: jax.Device) -> int | None:
-    """What ``device`` can allocate: its allocator's ``bytes_limit`` where it reports one (GPU,
-    TPU), else for a CPU device the host's available memory (``MemAvailable`` of
-    ``/proc/meminfo``, or the free pages); ``None`` when unknown."""
-    stats = device.memory_stats()
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    if device.platform != "cpu":
-        return None
+class HostMemoryError(ValueError):
+    """The grid and results of a sweep need more host memory than is available.
+
+    Raised by :func:`plan_sweep` before any compute; a ``ValueError`` like every bad argument.
+
+    Attributes:
+        needed: the estimated peak host bytes of the sweep (:attr:`SweepPlan.peak_host_bytes`).
+        limit: the host's available bytes.
+        per_trajectory: the estimated host bytes of one trajectory's results.
+        fit: the most trajectories whose results fit beside the rest (0: none).
+    """
+
+    def __init__(self, message: str, *, needed: int, limit: int, per_trajectory: int, fit: int):
+        super().__init__(message)
+        self.needed, self.limit = needed, limit
+        self.per_trajectory, self.fit = per_trajectory, fit
+
+
+def host_available_bytes() -> int | None:
+    """The host memory available to new allocations: ``MemAvailable`` of ``/proc/meminfo``,
+    else the free pages; ``None`` when unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -1039,8 +1081,21 @@ def _allocatable_bytes(device: jax.Device) -> int | None:
         return None
 
 
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.3g} GiB"
+def _allocatable_bytes(device: jax.Device) -> int | None:
+    """What ``device`` can allocate: its allocator's ``bytes_limit`` where it reports one (GPU,
+    TPU), else for a CPU device :func:`host_available_bytes`; ``None`` when unknown."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return host_available_bytes() if device.platform == "cpu" else None
+
+
+def readable_size(num_bytes: float) -> str:
+    """``num_bytes`` in the largest binary unit it reaches (``"1.5 GiB"``)."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if num_bytes >= 1 << shift:
+            return f"{num_bytes / 2**shift:.3g} {unit}"
+    return f"{int(num_bytes)} B"
 
 
 def _check_chunk_memory(
@@ -1072,10 +1127,11 @@ def _check_chunk_memory(
         return
     fit = limit // per_trajectory * n_dev
     sizes = dict(per_trajectory=per_trajectory, limit=limit, fit=fit)
+    one, available = readable_size(per_trajectory), readable_size(limit)
     if fit == 0:
         raise ChunkMemoryError(
-            f"one trajectory needs about {_gib(per_trajectory)} (an estimate: parameters, "
-            f"final window, recordings), more than the {_gib(limit)} a {devices[0].platform} "
+            f"one trajectory needs about {one} (an estimate: parameters, final window, "
+            f"recordings), more than the {available} a {devices[0].platform} "
             "device can allocate: record less (record_every, record_params), take fewer "
             "steps or use a smaller model.",
             **sizes,
@@ -1091,10 +1147,35 @@ def _check_chunk_memory(
         else f"pass memory_budget_bytes <= {limit} or chunk_size <= {fit}"
     )
     raise ChunkMemoryError(
-        f"{given}: {lanes} trajectories per device need about {_gib(lanes * per_trajectory)} "
-        f"({_gib(per_trajectory)} each, an estimate), more than the {_gib(limit)} a "
-        f"{devices[0].platform} device can allocate; {how}.",
+        f"{given}: {lanes} trajectories per device need about "
+        f"{readable_size(lanes * per_trajectory)} ({one} each, an estimate), more than the "
+        f"{available} a {devices[0].platform} device can allocate; {how}.",
         **sizes,
+    )
+
+
+def _check_host_memory(peak: int, per_trajectory: int, total: int) -> None:
+    """Raises :class:`HostMemoryError` when ``peak`` bytes exceed
+    :func:`host_available_bytes`; ``total`` trajectories of ``per_trajectory`` bytes each
+    are part of it, and the message says how many would fit."""
+    limit = host_available_bytes()
+    if limit is None or peak <= limit:
+        return
+    fit = max(0, (limit - (peak - total * per_trajectory)) // per_trajectory)
+    how = (
+        f"sweep at most {fit} trajectories per call (fewer step sizes or initialisations)"
+        if fit
+        else "shrink the grid of initialisations or the data"
+    )
+    raise HostMemoryError(
+        f"the sweep needs about {readable_size(peak)} of host memory (the results of {total} "
+        f"trajectories, {readable_size(per_trajectory)} each, with parameters, data and a "
+        f"chunk; an estimate), more than the {readable_size(limit)} available: {how}, or "
+        "record less (record_every, record_params).",
+        needed=peak,
+        limit=limit,
+        per_trajectory=per_trajectory,
+        fit=fit,
     )
 
 
@@ -1103,7 +1184,9 @@ class SweepPlan:
 
     :func:`sweep` is ``plan_sweep`` followed by :meth:`run_chunk` for every chunk and
     :meth:`assemble`. A runner that checkpoints a long sweep runs the chunks it has not saved
-    yet and assembles the saved ones.
+    yet and assembles the saved ones. A plan made from ``jax.ShapeDtypeStruct`` leaves
+    (``abstract``) has every attribute but cannot run: it sizes a sweep without allocating
+    its grid.
 
     Attributes:
         grid_shape: ``(n_eta, n_init)``.
@@ -1112,6 +1195,12 @@ class SweepPlan:
         num_chunks: ``ceil(num_trajectories / chunk_size)``.
         record_steps: the recorded times ``(n_rec,)`` or ``None``.
         sharpness_steps: the times of the sharpness measurements ``(n_sharp,)`` or ``None``.
+        chunk_bytes: estimated device memory of one chunk, all devices together.
+        result_bytes: estimated host memory of the :class:`SweepResult`.
+        peak_host_bytes: estimated host memory while the sweep runs: the result, the host
+            copy of ``params0`` and, on CPU devices (which live in host memory), the
+            replicated ``params0`` and data and one chunk.
+        abstract: made from ``jax.ShapeDtypeStruct`` leaves (cannot run).
     """
 
     def __init__(
@@ -1124,19 +1213,31 @@ class SweepPlan:
         source: Minibatches | None,
         chunk_size: int,
         mesh: Mesh,
+        *,
+        chunk_bytes: int,
+        result_bytes: int,
+        peak_host_bytes: int,
     ):
         self._config = config
         self._mesh = mesh
+        self.abstract = isinstance(jax.tree_util.tree_leaves(params0)[0], jax.ShapeDtypeStruct)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._params0 = jax.device_put(params0, replicated)  # leaves (n_init, ...)
+
+        def put(x: PyTree) -> PyTree:
+            return x if self.abstract else jax.device_put(x, replicated)
+
+        self._params0 = put(params0)  # leaves (n_init, ...)
         self._etas = etas
-        self._device_etas = jax.device_put(etas, replicated)
-        self._data = None if source is None else jax.device_put(source.data, replicated)
+        self._device_etas = put(etas)
+        self._data = None if source is None else put(source.data)
         self._keys = None
         if key is not None:
             if not config.same_batches:
                 key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n_init))
-            self._keys = jax.device_put(key, replicated)
+            self._keys = put(key)
+        self.chunk_bytes = int(chunk_bytes)
+        self.result_bytes = int(result_bytes)
+        self.peak_host_bytes = int(peak_host_bytes)
         self.grid_shape = (int(etas.shape[0]), int(n_init))
         self.num_trajectories = self.grid_shape[0] * self.grid_shape[1]
         self.chunk_size = int(chunk_size)
@@ -1162,6 +1263,11 @@ class SweepPlan:
     def run_chunk(self, index: int) -> SweepChunk:
         """Runs the trajectories of chunk ``index`` and returns their results on the host."""
         start, stop = self.chunk_bounds(index)
+        if self.abstract:
+            raise ValueError(
+                "this plan was made from jax.ShapeDtypeStruct leaves (it sizes a sweep, it "
+                "cannot run one): plan_sweep with arrays as params0 to run it."
+            )
         out = _run_sharded(
             self._params0,
             self._device_etas,
@@ -1243,7 +1349,16 @@ def plan_sweep(
     """Validates the arguments of :func:`sweep` and cuts its grid into chunks.
 
     Takes the arguments of :func:`sweep` (except ``progress``, ``on_chunk`` and
-    ``checkpoint_dir``); raises the same ``ValueError`` s, before any compute.
+    ``checkpoint_dir``); raises the same ``ValueError`` s, before any compute. ``params0``
+    may also have ``jax.ShapeDtypeStruct`` leaves ``(n_init, ...)``: the plan is then
+    ``abstract``, it checks the arguments and the memory of a sweep without allocating its
+    grid, and cannot run (like ``jax.eval_shape``).
+
+    Example, whether a grid of 10^8 starts of the two-neuron loss fits in host memory::
+
+        grid = [jax.ShapeDtypeStruct((10**8, 1, 1), jnp.float32)] * 2
+        plan = plan_sweep(two_neuron().loss, grid, etas, steps=1000)  # HostMemoryError if not
+        plan.peak_host_bytes, plan.num_chunks
     """
     dt = _check_dtype(dtype)
     etas_host = _check_etas(etas, dt)
@@ -1312,8 +1427,27 @@ def plan_sweep(
     chunk_size = min(int(chunk_size), total)
     chunk_size = -(-chunk_size // n_dev) * n_dev  # a multiple of the device count
     _check_chunk_memory(per_trajectory, chunk_size, devices, requested, memory_budget_bytes)
+    result_per_trajectory = _result_bytes_per_trajectory(config, params_host)
+    chunk_bytes = chunk_size * per_trajectory
+    inputs = _tree_bytes(params_host) + (0 if source is None else _tree_bytes(source.data))
+    peak = total * result_per_trajectory + inputs
+    if all(d.platform == "cpu" for d in devices):  # device buffers are host memory
+        peak += n_dev * inputs + chunk_bytes
+    _check_host_memory(peak, result_per_trajectory, total)
     mesh = Mesh(np.array(devices), (_LANES,))
-    return SweepPlan(config, params_host, etas_host, n_init, key, source, chunk_size, mesh)
+    return SweepPlan(
+        config,
+        params_host,
+        etas_host,
+        n_init,
+        key,
+        source,
+        chunk_size,
+        mesh,
+        chunk_bytes=chunk_bytes,
+        result_bytes=total * result_per_trajectory,
+        peak_host_bytes=peak,
+    )
 
 
 def sweep(
@@ -1410,7 +1544,10 @@ def sweep(
             index); ``steps < 1``; a ``loss_fn`` that does not return a scalar; a malformed
             ``batch_source``; a missing or superfluous ``key``; bad tolerances; a chunk (or one
             trajectory) estimated to need more memory than a device can allocate
-            (``ChunkMemoryError``: the message says how to reduce it).
+            (``ChunkMemoryError``), or results estimated not to fit in the host's available
+            memory (``HostMemoryError``): the message says how to reduce it;
+            ``jax.ShapeDtypeStruct`` leaves in ``params0`` (those only plan, see
+            :func:`plan_sweep`).
         gdlr_jax._checkpoint.CheckpointMismatchError: (a ``ValueError``) when
             ``checkpoint_dir`` holds chunks of a sweep with other arguments; the message names
             what differs.
@@ -1436,6 +1573,11 @@ def sweep(
         devices=devices,
         same_batches=same_batches,
     )
+    if plan.abstract:
+        raise ValueError(
+            "params0 has jax.ShapeDtypeStruct leaves: sweep needs arrays (plan_sweep sizes a "
+            "sweep from shapes)."
+        )
     indices: Iterable[int] = range(plan.num_chunks)
     if progress:
         from tqdm.auto import tqdm

@@ -13,6 +13,7 @@ import gzip
 import importlib.util
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -188,13 +189,62 @@ def test_chunk_too_large_for_memory(capsys, cwd, mnist_dir):
     assert error.endswith(tuple(f"use engine.etas_per_chunk <= {k}." for k in (3, 4)))
 
 
-def test_one_trajectory_too_large_for_memory(capsys, cwd):
+def test_results_too_large_for_host_memory(capsys, cwd, mnist_dir):
+    # depth 1 has 25,186 float32 parameters: about 101 kB of results per trajectory; 400 step
+    # sizes of n_init MLPs need about 1.5 x the host, while a chunk of n_init fits
+    limit = _allocatable_bytes(jax.devices("cpu")[0])
+    n_init = int(1.5 * limit / (400 * 101_000))
+    etas = "[" + ",".join(f"{eta:.4f}" for eta in np.linspace(0.01, 4.0, 400)) + "]"
+    error = _cli_error(capsys, cwd, [
+        "mnist_gelu_mse_cpu", "--set", f"data.data_dir={mnist_dir}", "--set", "model.depths=[1]",
+        "--set", f"training.etas={etas}", "--set", f"training.n_init={n_init}",
+        "--set", "engine.etas_per_chunk=1",
+    ])
+    assert error.startswith(
+        f"gdlr: error: config key 'training.n_init' has value {n_init}: the run would need about "
+    )
+    assert re.search(r"GiB available; lower training.n_init to about \d+\.$", error), error
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Makes the two-neuron study fail on any compute: its checks must come first."""
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed before the config was found impossible")
+
+    for name in ("minima_profile", "initial_grid", "sweep"):
+        monkeypatch.setattr(two_neuron_experiment, name, computed)
+
+
+def test_one_trajectory_too_large_for_memory(capsys, cwd, no_compute):
     error = _cli_error(capsys, cwd, ["two_neuron", *QUICK, "--set", f"portraits.0.steps={10**12}"])
     assert error.startswith(
-        "gdlr: error: config key 'portraits.<i>.steps' has value [1000000000000, 30]: a sweep "
-        "does not fit in memory: about "
+        "gdlr: error: config key 'portraits.0.steps' has value 1000000000000: a chunk of the "
+        "portrait eta=0.4 sweep does not fit in memory: about "
     )
     assert error.endswith("; take fewer steps (each step of a portrait is recorded).")
+
+
+def test_grid_too_large_for_host_memory(capsys, cwd, no_compute):
+    # 4 * 10^10 starts of the basin map: thousands of GiB, planned from shapes in a second
+    error = _cli_error(capsys, cwd, ["two_neuron", "--set", "basin.resolution=200000"])
+    assert error.startswith(
+        "gdlr: error: config key 'basin.resolution' has value 200000: the run would need about "
+    )
+    assert re.search(r"GiB available; lower basin.resolution to about \d+\.$", error), error
+
+
+def test_recordings_too_large_for_host_memory(capsys, cwd, no_compute):
+    # each of the 25 starts records 32 bytes a step, about 1/8 of the host: a trajectory fits
+    # a chunk, the 25 do not fit the host
+    steps = _allocatable_bytes(jax.devices("cpu")[0]) // (8 * 32)
+    error = _cli_error(capsys, cwd, ["two_neuron", "--set", f"portraits.0.steps={steps}"])
+    assert error.startswith(
+        f"gdlr: error: config key 'portraits.0.steps' has value {steps}: the run would need "
+    )
+    assert re.search(r"lower portraits.0.steps to about \d+ or portraits.0.starts to about "
+                     r"\d+\.$", error), error
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -84,7 +88,28 @@ def test_bad_config_and_bad_set_exit_2_with_a_message(capsys, tmp_path, monkeypa
     )
     assert main(["run", "--set", "nonsense"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["run", "mnist_gelu_mse_cpu", "--set", "training.etas=[.nan]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gdlr: error: ") and err.count("\n") == 1
+    assert err.endswith(
+        "config key 'training.etas.0' has value nan; allowed: a finite number > 0"
+        " (from --set training.etas)\n"
+    )
     assert not (tmp_path / "runs").exists()  # nothing written before validation passed
+
+
+def test_docs_give_every_exit_status():
+    text = (REPO / "docs" / "cli.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    when = {}
+    for status, *rest in rows:
+        if status[2:].isdigit():
+            when.setdefault(int(status[2:]), []).append(rest[0])
+    assert sorted(when) == [0, 1, 2, 130]
+    assert any(w.startswith("`gdlr list` finds no config") for w in when[1])
+    assert any(w.startswith("out of memory while running") for w in when[2])
+    assert any(w.startswith("a bad config") for w in when[2])
+    assert len(when[130]) == 2  # during the run (with the resume command) and before it
 
 
 def test_dry_run_prints_the_resolved_config(capsys, tmp_path, monkeypatch):
@@ -182,6 +207,43 @@ TINY = [  # the default config shrunk to a fraction of a second of compute, in f
     "basin.steps=200",
     "figures.dpi=20",
 ]
+
+
+def test_script_entry_point_is_outside_the_package():
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="gdlr")
+    assert script.value == "_gdlr_entry:main"
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, _gdlr_entry; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "'gdlr_jax'" not in done.stdout and "'jax'" not in done.stdout
+
+
+def test_ctrl_c_while_importing_exits_130_without_traceback(tmp_path):
+    # `from _gdlr_entry import main; sys.exit(main())` is the installed script; SIGINT is
+    # re-enabled in case this test runs where it is ignored (a background job)
+    launch = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "print('started', file=sys.stderr, flush=True); "
+        "from _gdlr_entry import main; sys.exit(main())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch, "run", "two_neuron", "--out", str(tmp_path / "out")],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr.readline() == "started\n"
+    time.sleep(0.3)  # importing jax takes about a second (a Ctrl-C later gives 130 too)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert err.splitlines()[-1].startswith("gdlr: interrupted"), err
 
 
 @pytest.mark.skipif(

@@ -271,6 +271,59 @@ def test_bad_overrides(raw, override, message):
     assert message in _error(raw, [override])
 
 
+MNIST_CPU = REPO / "configs" / "mnist_gelu_mse_cpu.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # the key at fault is inside the overridden value
+        (
+            ["training.etas=[.nan]"],
+            (
+                "config key 'training.etas.0' has value nan; allowed: a finite number > 0"
+                " (from --set training.etas)"
+            ),
+        ),
+        (["training.etas=[0.1, -1]"], "'training.etas.1' has value -1"),
+        (["training={etas: [.nan]}"], "'training.etas.0' has value nan"),
+        (["training={stepz: 1}"], "unknown config key 'training.stepz'"),
+        (["model.depths=[2, 1]"], "allowed: strictly increasing values"),
+        # a section made inconsistent by the override
+        (
+            ["training.record_every=5000"],
+            (
+                "config section 'training' is inconsistent: record_every = 5000 must be <="
+                " steps = 2000 (from --set training.record_every)"
+            ),
+        ),
+        (["data.data_dir=''"], "source 'idx' needs data_dir"),
+        (["engine.window=2"], "criteria.window must be an integer >= 2 * max_period"),
+    ],
+)
+def test_every_error_due_to_an_override_names_it(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(MNIST_CPU, overrides)
+    error = str(info.value)
+    assert message in error
+    key = overrides[0].partition("=")[0]
+    assert error.endswith(f" (from --set {key})"), error
+
+
+def test_errors_of_the_file_do_not_name_unrelated_overrides(raw):
+    inconsistent = _with(raw, "sweep.eta", {"start": 1.0, "stop": 0.5, "num": 3})
+    assert _error(inconsistent, ["sweep.eta.num=4", "basin.eta=0.5"]) == (
+        "config section 'sweep.eta' is inconsistent: eta.start = 1.0 must be <= eta.stop = 0.5"
+    )
+    assert _error(raw, ["sweep.eta.start=2", "sweep.steps=10"]) == (
+        "config section 'sweep.eta' is inconsistent: eta.start = 2.0 must be <= eta.stop = 1.2"
+        " (from --set sweep.eta.start)"
+    )
+    assert _error(_with(raw, "basin.eta", -1.0), ["sweep.steps=10"]).endswith(
+        "allowed: a finite number > 0"
+    )
+
+
 def test_parse_override():
     assert parse_override("a.b=[1, 2.5]") == ("a.b", [1, 2.5])
     assert parse_override("a= true") == ("a", True)

@@ -9,6 +9,7 @@ temporary folder of this module), so that only the first one compiles.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shlex
@@ -150,6 +151,7 @@ def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_results(
     assert "unusable" not in done.stderr  # every saved chunk was loaded
     _assert_identical(_results(out), uninterrupted)
     assert not (out / "checkpoints").exists()
+    assert json.loads((out / "summary.json").read_text())["resumed"] is True
 
     # 5. resuming a finished run does nothing
     assert main(resume) == 0

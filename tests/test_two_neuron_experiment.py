@@ -141,6 +141,7 @@ def test_run_writes_every_file(run):
     assert resolved.params == config.params
     assert resolved.fingerprint == outcome.summary["fingerprint"] == config.fingerprint
     assert outcome.summary["overrides"] == SHRUNK
+    assert outcome.summary["resumed"] is False
 
 
 def test_summary_converged_fraction_vanishes_exactly_above_eta_e(run):
@@ -204,7 +205,8 @@ def test_too_short_branch_is_a_config_error_and_leaves_nothing(tmp_path):
         ["weak_stability.log_extent=0.5", "weak_stability.points=101"],
     )
     with pytest.raises(
-        ConfigError, match=r"weak_stability.log_extent = 0.5 is too short: the ends"
+        ConfigError,
+        match=r"^config key 'weak_stability.log_extent' has value 0.5: too short, the ends",
     ):
         run_config(config, out=tmp_path / "run", progress=False, stream=io.StringIO())
     assert not (tmp_path / "run").exists()

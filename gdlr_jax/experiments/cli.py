@@ -1,8 +1,10 @@
 """The ``gdlr`` command line: ``gdlr run [CONFIG]``, ``gdlr list``, ``gdlr --version``.
 
-``main(argv)`` returns the exit status (0 on success, 2 on a bad config or command line, 130
-when interrupted by Ctrl-C), so tests call it in-process; the installed ``gdlr`` script is
-``sys.exit(main())``.
+``main(argv)`` returns the exit status (0 on success, 2 on a bad config or command line or when
+out of memory, 1 when ``gdlr list`` finds no config, 130 when interrupted by Ctrl-C), so tests
+call it in-process. The installed ``gdlr`` script calls it through the top-level module
+``_gdlr_entry``, which also makes a Ctrl-C during the imports of this module (jax, 1-2 s) exit
+with 130 and one line ``gdlr: interrupted``.
 """
 
 from __future__ import annotations

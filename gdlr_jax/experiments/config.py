@@ -243,12 +243,17 @@ class Experiment:
             ``params``, writes arrays and figures through ``output``
             (:class:`gdlr_jax.experiments.runner.RunOutput`) and returns what goes into
             ``summary.json`` and the terminal table.
+        plan: ``plan(params) -> None`` or ``None``: checks, before the output folder is made
+            and any compute, what the config keys alone cannot (memory of every sweep),
+            raising :class:`ConfigError`; ``run`` must not fail where ``plan`` passed for
+            the same reason.
     """
 
     name: str
     summary: str
     schema: Section
     run: Callable[..., Any]
+    plan: Callable[[Any], None] | None = None
 
 
 def get_experiment(name: str) -> Experiment:
@@ -342,6 +347,26 @@ def _apply_override(raw: dict, key: str, value: Any, schema: Section) -> None:
             raise ConfigError(f"--set {key}: '{done}' is a value, not a mapping", key)
 
 
+def _overrides_at_fault(
+    err: ConfigError, set_keys: Sequence[str], schema: Section, in_file: dict
+) -> list[str]:
+    """The overridden keys that ``err``, raised validating the overridden config, is due to.
+
+    An override is at fault when it set the key at fault or a mapping or list holding it
+    (``training.etas=[.nan]`` for ``training.etas.0``), or when it set a key inside the
+    section whose consistency check failed and the file alone (``in_file``) passes that check.
+    """
+    at_or_above = [k for k in set_keys if err.key == k or err.key.startswith(k + ".")]
+    inside = [k for k in set_keys if k.startswith(err.key + ".") or not err.key]
+    if inside:
+        try:
+            schema.validate(in_file, "")
+        except ConfigError as file_err:
+            if file_err.key == err.key:
+                inside = []
+    return list(dict.fromkeys(at_or_above + inside))
+
+
 # ----- configs ------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -404,6 +429,7 @@ def config_from_mapping(
         },
     )
     head = {k: raw.pop(k) for k in ("experiment", "description") if k in raw}
+    in_file = _copy(raw)
     head = top.validate(head, "")
     experiment = get_experiment(head["experiment"])
     parsed = [parse_override(text) for text in overrides]
@@ -411,12 +437,13 @@ def config_from_mapping(
         if key in top.keys:
             raise ConfigError(f"--set {key}: '{key}' cannot be overridden; edit the file", key)
         _apply_override(raw, key, value, experiment.schema)
-    set_keys = {key for key, _ in parsed}
     try:
         params = experiment.schema.validate(raw, "")
     except ConfigError as err:
-        if err.key in set_keys:
-            raise ConfigError(f"{err} (from --set {err.key})", err.key) from None
+        blamed = _overrides_at_fault(err, [key for key, _ in parsed], experiment.schema, in_file)
+        if blamed:
+            sources = ", ".join(f"--set {key}" for key in blamed)
+            raise ConfigError(f"{err} (from {sources})", err.key) from None
         raise
     return Config(
         name=name,

@@ -48,13 +48,19 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from gdlr_jax import mlp
-from gdlr_jax._sweep import ChunkMemoryError, SweepResult, plan_sweep, sweep
+from gdlr_jax._sweep import ChunkMemoryError, HostMemoryError, SweepResult, plan_sweep, sweep
 from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.data import MnistData, load_mnist
 from gdlr_jax.data.mnist import NUM_PIXELS, SOURCES
 from gdlr_jax.experiments import figures
 from gdlr_jax.experiments.config import ConfigError, Experiment, Scalar, Section
-from gdlr_jax.experiments.runner import RunOutput, RunReport, progress_bar
+from gdlr_jax.experiments.runner import (
+    MemoryNeed,
+    RunOutput,
+    RunReport,
+    check_host_memory,
+    progress_bar,
+)
 from gdlr_jax.experiments.two_neuron import SCHEMA as _TWO_NEURON_SCHEMA
 
 
@@ -537,21 +543,47 @@ def _sweep_arguments(
     )
 
 
+def _problems(
+    data: MnistData, params: Mapping[str, Any], dtype: Any, n_init: int
+) -> dict[int, MlpProblem]:
+    """The :func:`mlp_problem` of every depth of the config, with ``n_init`` MLPs each."""
+    training = {**params["training"], "n_init": n_init}
+    init_root, batch_key = jax.random.split(jax.random.key(training["seed"]))
+    return {
+        depth: mlp_problem(
+            data, depth, params["model"], training,
+            init_key=jax.random.fold_in(init_root, depth), batch_key=batch_key, dtype=dtype,
+        )
+        for depth in params["model"]["depths"]
+    }
+
+
 def check_chunks_fit(
-    problems: Mapping[int, MlpProblem], etas: np.ndarray, params: Mapping[str, Any], dtype: Any
+    data: MnistData, etas: np.ndarray, params: Mapping[str, Any], dtype: Any
 ) -> None:
-    """Plans the sweep of every depth (:func:`gdlr_jax.plan_sweep`) before any of them runs.
+    """Plans the sweep of every depth (:func:`gdlr_jax.plan_sweep`) before any of them runs,
+    from the shapes of ``training.n_init`` initialisations (one MLP per depth is built).
 
     Raises:
         ConfigError: in one line, when a depth's chunk of ``engine.etas_per_chunk x
-            training.n_init`` trajectories is estimated not to fit in a device's memory; the
-            message says how to reduce it.
+            training.n_init`` trajectories is estimated not to fit in a device's memory, or
+            the results of every depth not to fit in the host's; the message says how to
+            reduce it.
     """
     per_chunk, n_init = params["engine"]["etas_per_chunk"], params["training"]["n_init"]
-    for depth, problem in problems.items():
-        args, kwargs = _sweep_arguments(problem, etas, params, dtype)
+    sizes = (("training.n_init", n_init, 1),)
+    needs = []
+    for depth, problem in _problems(data, params, dtype, 1).items():
+        grid = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((n_init,) + x.shape[1:], x.dtype), problem.params0
+        )
+        args, kwargs = _sweep_arguments(problem._replace(params0=grid), etas, params, dtype)
         try:
-            plan_sweep(*args, **kwargs)
+            plan = plan_sweep(*args, **kwargs)
+            needs.append(MemoryNeed(plan.result_bytes, plan.peak_host_bytes, sizes))
+        except HostMemoryError as err:  # this depth alone does not fit: name the keys
+            check_host_memory([MemoryNeed(err.needed, err.needed, sizes)], limit=err.limit)
+            raise  # not reached: that need exceeds err.limit
         except ChunkMemoryError as err:
             key, value = "engine.etas_per_chunk", per_chunk
             if err.fit >= n_init:
@@ -570,6 +602,7 @@ def check_chunks_fit(
                 f"estimate), a device can allocate {err.limit / 2**30:.3g} GiB; {how}.",
                 key,
             ) from None
+    check_host_memory(needs)  # the results of every depth are kept to the end
 
 
 def _sweep_depth(
@@ -582,6 +615,19 @@ def _sweep_depth(
 ) -> SweepResult:
     args, kwargs = _sweep_arguments(problem, etas, params, dtype)
     return sweep(*args, **kwargs, on_chunk=on_chunk, checkpoint_dir=checkpoint_dir)
+
+
+def plan(params: Mapping[str, Any]) -> None:
+    """Loads the data and plans every depth's sweep (:func:`check_chunks_fit`), before the
+    run makes its folder.
+
+    Raises:
+        ConfigError: in one line, on a missing or corrupt data folder, or a sweep that is
+            estimated not to fit in memory.
+    """
+    with jax.enable_x64(params["dtype"] == "float64"):
+        etas = np.asarray(params["training"]["etas"], np.float64)
+        check_chunks_fit(load_data(params["data"]), etas, params, jnp.dtype(params["dtype"]))
 
 
 def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
@@ -606,15 +652,8 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
     dtype = jnp.dtype(params["dtype"])
     etas = np.asarray(training["etas"], np.float64)
     depths = params["model"]["depths"]
-    init_root, batch_key = jax.random.split(jax.random.key(training["seed"]))
-    problems = {
-        depth: mlp_problem(
-            data, depth, params["model"], training,
-            init_key=jax.random.fold_in(init_root, depth), batch_key=batch_key, dtype=dtype,
-        )
-        for depth in depths
-    }
-    check_chunks_fit(problems, etas, params, dtype)  # every depth, before any compute
+    check_chunks_fit(data, etas, params, dtype)  # every depth, before any compute
+    problems = _problems(data, params, dtype, training["n_init"])
 
     results = []
     total = len(depths) * len(etas) * training["n_init"]
@@ -741,4 +780,5 @@ EXPERIMENT = Experiment(
     "eta ||grad L|| heatmaps (Figures 3-6)",
     schema=SCHEMA,
     run=run,
+    plan=plan,
 )

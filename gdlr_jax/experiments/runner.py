@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from gdlr_jax import __version__
 from gdlr_jax._checkpoint import write_atomically
+from gdlr_jax._sweep import host_available_bytes, readable_size
 from gdlr_jax.experiments.config import Config, ConfigError, get_experiment
 
 #: the config that ``gdlr run`` runs when none is named.
@@ -311,6 +312,63 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+class MemoryNeed(NamedTuple):
+    """Host memory that one part of a run needs, and the config keys that size it.
+
+    Attributes:
+        kept_bytes: held from when the part is made to the end of the run (its results).
+        peak_bytes: held while it is made (``kept_bytes`` included).
+        sizes: ``(key, value, exponent)`` of each config key that sizes the part, the one to
+            name first: its bytes grow as ``value ** exponent`` (2 for the resolution of a
+            grid).
+    """
+
+    kept_bytes: int
+    peak_bytes: int
+    sizes: tuple[tuple[str, int, int], ...]
+
+
+def check_host_memory(needs: Sequence[MemoryNeed], limit: int | None = None) -> None:
+    """Checks that the parts of a run, made in the order of ``needs``, fit in host memory.
+
+    The run peaks at ``max_i (sum_{j < i} kept_j + peak_i)``. When that exceeds ``limit``
+    (default :func:`gdlr_jax._sweep.host_available_bytes`; unknown: no check), the part that
+    needs most at that moment is blamed, and for each of its keys a value that would fit is
+    suggested (its bytes growing as ``value ** exponent``, the other parts unchanged).
+
+    Raises:
+        ConfigError: in one line naming the part's first key, before any compute.
+    """
+    limit = host_available_bytes() if limit is None else limit
+    if limit is None or not needs:
+        return
+    kept_before = np.cumsum([0] + [n.kept_bytes for n in needs[:-1]])
+    totals = [int(k) + n.peak_bytes for k, n in zip(kept_before, needs, strict=True)]
+    worst = int(np.argmax(totals))
+    if totals[worst] <= limit:
+        return
+    shares = [n.kept_bytes for n in needs[:worst]] + [needs[worst].peak_bytes]
+    blamed = int(np.argmax(shares))
+    room = max(0, limit - (totals[worst] - shares[blamed]))
+    fits = [  # (1 + 1e-9): a ratio like (4 / 9) ** 0.5 rounds to just under 2 / 3
+        (key, int(value * (room / shares[blamed]) ** (1 / exponent) * (1 + 1e-9)))
+        for key, value, exponent in needs[blamed].sizes
+    ]
+    fits = [f"{key} to about {fit}" for key, fit in fits if fit >= 1]
+    how = "lower " + (" or ".join(fits) if fits else "the sizes of the other parts first")
+    parts = ", ".join(
+        f"{n.sizes[0][0]} {readable_size(b)}"
+        for n, b in sorted(zip(needs[: worst + 1], shares, strict=True), key=lambda nb: -nb[1])
+    )
+    key, value, _ = needs[blamed].sizes[0]
+    raise ConfigError(
+        f"config key '{key}' has value {value}: the run would need about "
+        f"{readable_size(totals[worst])} of host memory (an estimate: {parts}), more than the "
+        f"{readable_size(limit)} available; {how}.",
+        key,
+    )
+
+
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     """A tqdm progress bar on stderr (silent when ``enabled`` is false)."""
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
@@ -426,13 +484,16 @@ def run_config(
         A :class:`RunOutcome`.
 
     Raises:
-        ConfigError: on a config found impossible while computing (the run's files are
-            removed), or with ``resume``, on a folder holding another config's run.
+        ConfigError: on a config found impossible by the experiment's ``plan`` (before
+            any folder is made) or while computing (the run's files are removed), or with
+            ``resume``, on a folder holding another config's run.
         RunInterrupted: on ``KeyboardInterrupt`` during the experiment (the saved chunks are
             kept).
     """
     stream = sys.stdout if stream is None else stream
     experiment = get_experiment(config.experiment)
+    if experiment.plan is not None:  # before any folder or compute
+        experiment.plan(config.params)
     path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir, resume=resume)
     resuming = resume and (path / _RUN_MARKER).is_file()
     if resume:
@@ -466,7 +527,8 @@ def run_config(
         "gdlr_jax_version": __version__,
         "source": str(config.source) if config.source is not None else None,
         "overrides": list(config.overrides),
-        "wall_time_s": round(time.perf_counter() - start, 3),
+        "wall_time_s": round(time.perf_counter() - start, 3),  # of this session only
+        "resumed": resuming,
         "files": output.files + ["summary.json"],
         **report.summary,
     }

@@ -36,11 +36,24 @@ from jaxtyping import Array, ArrayLike, Float
 
 from gdlr_jax import linear
 from gdlr_jax._stability import CRITERIA, weak_stability_threshold
-from gdlr_jax._sweep import ChunkMemoryError, SweepResult, sweep
+from gdlr_jax._sweep import (
+    ChunkMemoryError,
+    HostMemoryError,
+    SweepResult,
+    plan_sweep,
+    readable_size,
+    sweep,
+)
 from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.experiments import figures
 from gdlr_jax.experiments.config import ConfigError, Experiment, Numbers, Repeated, Scalar, Section
-from gdlr_jax.experiments.runner import RunOutput, RunReport, progress_bar
+from gdlr_jax.experiments.runner import (
+    MemoryNeed,
+    RunOutput,
+    RunReport,
+    check_host_memory,
+    progress_bar,
+)
 
 
 # ----- the schema ---------------------------------------------------------------------------
@@ -336,13 +349,22 @@ def _lengths(profile: MinimaProfile, etas: np.ndarray) -> np.ndarray:
     return np.sum(share * ds, axis=(1, 2))
 
 
-def _check_extent(profile: MinimaProfile, smallest_eta: float, extent: float) -> None:
-    ends = profile.thresholds[:, [0, -1]]
-    if np.any(ends > smallest_eta):
+def _check_extent(params: Mapping[str, Any], etas: np.ndarray) -> None:
+    """Raises :class:`ConfigError` when an end of a parametrised branch of M is still in
+    ``M_WS(eta)`` for the smallest ``eta`` of the study: its length would be truncated."""
+    ws = params["weak_stability"]
+    portraits = [panel["eta"] for panel in params["portraits"]]
+    smallest = min(etas[0], ws["reference_eta"], params["basin"]["eta"], *portraits)
+    end = np.exp(ws["log_extent"])
+    signs = [1.0] if ws["branches"] == "positive" else [1.0, -1.0]
+    x = np.array([s * e for s in signs for e in (end, 1 / end)])
+    ends = weak_stability_thresholds(x, 1 / x, ws["criterion"])
+    if np.any(ends > smallest):
         raise ConfigError(
-            f"weak_stability.log_extent = {extent} is too short: the ends of the parametrised "
-            f"branches are still in M_WS(eta = {smallest_eta:g}) (threshold "
-            f"{float(ends.max()):.4g}), so its length would be truncated; increase it.",
+            f"config key 'weak_stability.log_extent' has value {ws['log_extent']}: too short, "
+            f"the ends of the parametrised branches are still in M_WS(eta = {smallest:g}) "
+            f"(threshold {float(ends.max()):.4g}), so its length would be truncated; increase "
+            "it.",
             "weak_stability.log_extent",
         )
 
@@ -374,33 +396,161 @@ def _two_neuron_loss(dtype_name: str) -> Any:
     return linear.two_neuron(jnp.dtype(dtype_name)).loss
 
 
-def _run_sweep(
-    params0: list,
-    etas: np.ndarray,
-    steps: int,
-    ctx: _Context,
-    name: str,
-    desc: str,
-    **kwargs: Any,
-) -> SweepResult:
-    """:func:`gdlr_jax.sweep` of the two-neuron loss, with a progress bar over trajectories;
-    its finished chunks are saved in the run's checkpoint folder ``name`` (resumable)."""
-    engine = ctx.engine
-    with progress_bar(len(etas) * params0[0].shape[0], desc, ctx.progress) as bar:
-        return sweep(
-            _two_neuron_loss(ctx.dtype.name),
-            params0,
-            jnp.asarray(etas, ctx.dtype),
-            steps=steps,
-            min_loss_value=0.0,
-            criteria=_criteria(engine),
-            check_every=engine["check_every"],
-            memory_budget_bytes=engine["memory_budget_mb"] << 20,
-            dtype=ctx.dtype,
-            on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
-            checkpoint_dir=ctx.output.checkpoint_dir(name),
-            **kwargs,
+class _SweepSpec(NamedTuple):
+    """One sweep of the study: a ``starts x starts`` grid of cell centres over ``region``
+    (:func:`initial_grid`) at the step sizes ``etas``."""
+
+    name: str  # its checkpoint folder
+    desc: str  # its progress bar
+    key: str  # the config section of its grid: "sweep", "basin" or "portraits.<i>"
+    size_key: str  # the key of its starts per axis
+    region: list[float]
+    starts: int
+    etas: np.ndarray
+    steps: int
+    record: bool  # record every iterate (the portraits)
+
+    def abstract_grid(self, dtype: Any) -> list[jax.ShapeDtypeStruct]:
+        """The shapes of ``params0`` (:func:`initial_grid`), for :func:`gdlr_jax.plan_sweep`."""
+        return [jax.ShapeDtypeStruct((self.starts**2, 1, 1), dtype)] * 2
+
+
+def _sweep_specs(params: Mapping[str, Any], etas: np.ndarray) -> list[_SweepSpec]:
+    """The sweeps of the study, in the order they run: portraits, Figure 2, basin map."""
+    specs = [
+        _SweepSpec(
+            f"portrait{i}",
+            f"portrait eta={panel['eta']:g}",
+            f"portraits.{i}",
+            f"portraits.{i}.starts",
+            panel["region"],
+            panel["starts"],
+            np.array([panel["eta"]]),
+            panel["steps"],
+            record=True,
         )
+        for i, panel in enumerate(params["portraits"])
+    ]
+    sw, basin = params["sweep"], params["basin"]
+    specs.append(
+        _SweepSpec(
+            "trapping_region", "trapping region", "sweep", "sweep.resolution", sw["region"],
+            sw["resolution"], etas, sw["steps"], record=False,
+        )
+    )
+    specs.append(
+        _SweepSpec(
+            "basin_map", f"basin map eta={basin['eta']:g}", "basin", "basin.resolution",
+            basin["region"], basin["resolution"], np.array([basin["eta"]]), basin["steps"],
+            record=False,
+        )
+    )
+    return specs
+
+
+def _sweep_arguments(spec: _SweepSpec, params0: Any, dtype: Any, engine: Mapping[str, Any]):
+    """The arguments ``(args, kwargs)`` of :func:`gdlr_jax.plan_sweep` and
+    :func:`gdlr_jax.sweep` for ``spec`` from ``params0``."""
+    args = (_two_neuron_loss(dtype.name), params0, jnp.asarray(spec.etas, dtype))
+    return args, dict(
+        steps=spec.steps,
+        min_loss_value=0.0,
+        criteria=_criteria(engine),
+        check_every=engine["check_every"],
+        memory_budget_bytes=engine["memory_budget_mb"] << 20,
+        dtype=dtype,
+        record_every=1 if spec.record else None,
+        record_params=spec.record,
+    )
+
+
+def _profile_need(ws: Mapping[str, Any]) -> MemoryNeed:
+    """Host memory of :func:`minima_profile` and :func:`weakly_stable_length`: four arrays
+    per point kept, and about six per point and step size of a block while measuring."""
+    per_point = 8 * (2 if ws["branches"] == "both" else 1)
+    kept = 4 * per_point * ws["points"]
+    measuring = 6 * _ETA_BLOCK * per_point * ws["points"]
+    return MemoryNeed(kept, kept + measuring, (("weak_stability.points", ws["points"], 1),))
+
+
+def plan(params: Mapping[str, Any]) -> list[_SweepSpec]:
+    """Plans every sweep of the study (:func:`gdlr_jax.plan_sweep` on abstract grids) and
+    the host memory of the whole run, before any compute.
+
+    Returns:
+        The sweeps, in the order they run.
+
+    Raises:
+        ConfigError: in one line naming the key to change, when a sweep's chunk is estimated
+            not to fit in a device's memory, the run not to fit in the host's, or
+            ``weak_stability.log_extent`` would truncate ``M_WS``.
+    """
+    with jax.enable_x64(True):
+        etas = _eta_grid(params["sweep"]["eta"])
+        _check_extent(params, etas)
+        dtype = jnp.dtype(params["dtype"])
+        specs = _sweep_specs(params, etas)
+        needs = [_profile_need(params["weak_stability"])]
+        for spec in specs:
+            grid = spec.abstract_grid(dtype)
+            args, kwargs = _sweep_arguments(spec, grid, dtype, params["engine"])
+            try:
+                sweep_plan = plan_sweep(*args, **kwargs)
+            except ChunkMemoryError as err:
+                raise _chunk_memory_error(err, spec, params) from None
+            except HostMemoryError as err:  # the sweep alone does not fit: name its key
+                check_host_memory([_sweep_need(spec, err.needed, err.needed)], limit=err.limit)
+                raise  # not reached: that need exceeds err.limit
+            needs.append(_sweep_need(spec, sweep_plan.result_bytes, sweep_plan.peak_host_bytes))
+        check_host_memory(needs)
+        return specs
+
+
+def _sweep_need(spec: _SweepSpec, result_bytes: int, peak_bytes: int) -> MemoryNeed:
+    """The host memory of ``spec``'s sweep: its result kept, and while it runs also the
+    float64 grid that :func:`initial_grid` builds (two coordinates per start). A portrait
+    records every step (its steps are named first); its paths and the figure drawing them
+    each hold a copy of the recordings to the end of the run."""
+    grid = 2 * 8 * spec.starts**2
+    sizes = ((spec.size_key, spec.starts, 2),)
+    if not spec.record:
+        return MemoryNeed(result_bytes, peak_bytes + grid, sizes)
+    sizes = ((f"{spec.key}.steps", spec.steps, 1),) + sizes
+    return MemoryNeed(2 * result_bytes, peak_bytes + grid + result_bytes, sizes)
+
+
+def _chunk_memory_error(err: ChunkMemoryError, spec: _SweepSpec, params: Mapping[str, Any]):
+    """The :class:`ConfigError` of a sweep whose chunk does not fit: which key to lower."""
+    key, value = "engine.memory_budget_mb", params["engine"]["memory_budget_mb"]
+    how = f"use engine.memory_budget_mb <= {err.limit >> 20}"
+    if not err.fit:  # one trajectory does not fit: only a portrait records enough for this
+        key, value = f"{spec.key}.steps", spec.steps
+        how = "take fewer steps (each step of a portrait is recorded)"
+    return ConfigError(
+        f"config key '{key}' has value {value}: a chunk of the {spec.desc} sweep does not fit "
+        f"in memory: about {readable_size(err.per_trajectory)} per trajectory (an estimate), "
+        f"a device can allocate {readable_size(err.limit)}; {how}.",
+        key,
+    )
+
+
+def _run_sweep(spec: _SweepSpec, ctx: _Context) -> tuple[np.ndarray, np.ndarray, SweepResult]:
+    """:func:`gdlr_jax.sweep` of ``spec`` with a progress bar over trajectories; its finished
+    chunks are saved in the run's checkpoint folder ``spec.name`` (resumable).
+
+    Returns:
+        The grid's ``xs (starts,)``, ``ys (starts,)`` and the sweep's result.
+    """
+    xs, ys, params0 = initial_grid(spec.region, spec.starts, spec.starts, ctx.dtype)
+    args, kwargs = _sweep_arguments(spec, params0, ctx.dtype, ctx.engine)
+    with progress_bar(len(spec.etas) * spec.starts**2, spec.desc, ctx.progress) as bar:
+        result = sweep(
+            *args,
+            **kwargs,
+            on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
+            checkpoint_dir=ctx.output.checkpoint_dir(spec.name),
+        )
+    return xs, ys, result
 
 
 # table headers, in the order of figures.STATUS_STYLE
@@ -426,32 +576,21 @@ class _Context(NamedTuple):
         return figures.MinimaCurve(self.profile.xy, self.profile.thresholds > eta)
 
 
-def _phase_portraits(ctx: _Context, portraits: list[dict]) -> tuple[Any, dict, list]:
+def _phase_portraits(ctx: _Context, specs: list[_SweepSpec]) -> tuple[Any, dict, list]:
     """Figure 1 from the engine's recordings of the iterates: (figure, arrays, summaries)."""
     panels, arrays, summaries = [], {}, []
-    for i, panel in enumerate(portraits):
-        _, _, starts = initial_grid(panel["region"], panel["starts"], panel["starts"], ctx.dtype)
-        result = _run_sweep(
-            starts,
-            np.array([panel["eta"]]),
-            panel["steps"],
-            ctx,
-            f"portrait{i}",
-            f"portrait eta={panel['eta']:g}",
-            record_every=1,
-            record_params=True,
-        )
+    for i, spec in enumerate(specs):
+        _, _, result = _run_sweep(spec, ctx)
+        eta = float(spec.etas[0])
         w1, w2 = (np.asarray(w)[0, :, :, 0, 0] for w in result.recorded_params)
         paths = np.stack([w1, w2], axis=-1)  # (starts^2, steps + 1, 2), time 0 included
         status = np.asarray(result.status)[0]
         panels.append(
-            figures.PortraitPanel(
-                panel["eta"], panel["region"], paths, status, ctx.minima_at(panel["eta"])
-            )
+            figures.PortraitPanel(eta, spec.region, paths, status, ctx.minima_at(eta))
         )
         arrays[f"portrait{i}_paths"] = paths
         arrays[f"portrait{i}_status"] = status
-        summaries.append({"eta": panel["eta"], "status_fractions": _status_fractions(status)})
+        summaries.append({"eta": eta, "status_fractions": _status_fractions(status)})
     return figures.phase_portraits(panels), arrays, summaries
 
 
@@ -481,13 +620,11 @@ def unstable_convergence_fraction(
     return counts / status.shape[1]
 
 
-def _trapping_region(ctx: _Context, sw: Mapping[str, Any], etas: np.ndarray) -> dict:
+def _trapping_region(ctx: _Context, spec: _SweepSpec) -> dict:
     """The sweep of Figure 2: every initialisation of the grid at every step size."""
-    n = sw["resolution"]
-    xs, ys, params0 = initial_grid(sw["region"], n, n, ctx.dtype)
-    result = _run_sweep(params0, etas, sw["steps"], ctx, "trapping_region", "trapping region")
+    xs, ys, result = _run_sweep(spec, ctx)
     return {
-        "sweep_eta": etas,
+        "sweep_eta": spec.etas,
         "sweep_x0": xs,
         "sweep_y0": ys,
         "sweep_status": np.asarray(result.status),
@@ -500,18 +637,10 @@ def _trapping_region(ctx: _Context, sw: Mapping[str, Any], etas: np.ndarray) -> 
     }
 
 
-def _basin_map(ctx: _Context, basin: Mapping[str, Any]) -> dict:
+def _basin_map(ctx: _Context, spec: _SweepSpec) -> dict:
     """The status and steps of every initialisation of a fine grid at one step size."""
-    n = basin["resolution"]
-    xs, ys, params0 = initial_grid(basin["region"], n, n, ctx.dtype)
-    result = _run_sweep(
-        params0,
-        np.array([basin["eta"]]),
-        basin["steps"],
-        ctx,
-        "basin_map",
-        f"basin map eta={basin['eta']:g}",
-    )
+    xs, ys, result = _run_sweep(spec, ctx)
+    n = spec.starts
     return {
         "basin_x0": xs,
         "basin_y0": ys,
@@ -521,38 +650,33 @@ def _basin_map(ctx: _Context, basin: Mapping[str, Any]) -> dict:
     }
 
 
+def _eta_grid(eta: Mapping[str, Any]) -> np.ndarray:
+    """``linspace(start, stop, num)``, rounded so that e.g. 1.05 is reported as 1.05, not
+    1.0499999999999998."""
+    return np.round(np.linspace(eta["start"], eta["stop"], eta["num"]), 12)
+
+
 def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
     """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`).
 
     Float64 is enabled for the duration (curvature and ``eta_E`` are always float64; the
-    trajectories use ``params["dtype"]``).
+    trajectories use ``params["dtype"]``). Every sweep is planned first (:func:`plan`).
 
     Raises:
-        ConfigError: in one line, when a sweep is estimated not to fit in a device's memory
-            (:func:`gdlr_jax.plan_sweep`, before that sweep computes); it says how to reduce it.
+        ConfigError: in one line, before any compute, when a sweep is estimated not to fit
+            in a device's memory or the run in the host's; it says which key to lower.
     """
+    specs = plan(params)
     with jax.enable_x64(True):
-        try:
-            return _run(params, output, progress)
-        except ChunkMemoryError as err:
-            key, value = "engine.memory_budget_mb", params["engine"]["memory_budget_mb"]
-            how = f"use engine.memory_budget_mb <= {err.limit >> 20}"
-            if not err.fit:  # only the portraits record (every step) enough for this
-                key = "portraits.<i>.steps"
-                value = [portrait["steps"] for portrait in params["portraits"]]
-                how = "take fewer steps (each step of a portrait is recorded)"
-            raise ConfigError(
-                f"config key '{key}' has value {value}: a sweep does not fit in memory: about "
-                f"{err.per_trajectory / 2**30:.3g} GiB per trajectory (an estimate), a device "
-                f"can allocate {err.limit / 2**30:.3g} GiB; {how}.",
-                key,
-            ) from None
+        return _run(params, specs, output, progress)
 
 
-def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunReport:
-    ws, sw, basin = params["weak_stability"], params["sweep"], params["basin"]
-    # rounded so that e.g. 1.05 is reported as 1.05, not 1.0499999999999998
-    etas = np.round(np.linspace(sw["eta"]["start"], sw["eta"]["stop"], sw["eta"]["num"]), 12)
+def _run(
+    params: Mapping[str, Any], specs: list[_SweepSpec], output: RunOutput, progress: bool
+) -> RunReport:
+    ws, basin = params["weak_stability"], params["basin"]
+    *portrait_specs, trapping_spec, basin_spec = specs
+    etas = trapping_spec.etas
     timings = {}
 
     tic = time.perf_counter()
@@ -563,11 +687,6 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
         criterion=ws["criterion"],
     )
     eta_curve = np.linspace(min(etas[0], ws["reference_eta"]), etas[-1], ws["curve_points"])
-    _check_extent(
-        profile,
-        min(eta_curve[0], basin["eta"], *(p["eta"] for p in params["portraits"])),
-        ws["log_extent"],
-    )
     reference_length = float(weakly_stable_length(profile, [ws["reference_eta"]])[0])
     length_curve = weakly_stable_length(profile, eta_curve) / reference_length
     mws_length = weakly_stable_length(profile, etas)
@@ -590,14 +709,14 @@ def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunRep
         "sweep_mws_length_normalised": mws_length / reference_length,
     }
     tic = time.perf_counter()
-    figure1, portrait_arrays, portrait_summaries = _phase_portraits(ctx, params["portraits"])
+    figure1, portrait_arrays, portrait_summaries = _phase_portraits(ctx, portrait_specs)
     arrays.update(portrait_arrays)
     timings["portraits"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    arrays.update(_trapping_region(ctx, sw, etas))
+    arrays.update(_trapping_region(ctx, trapping_spec))
     timings["sweep"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    arrays.update(_basin_map(ctx, basin))
+    arrays.update(_basin_map(ctx, basin_spec))
     timings["basin"] = time.perf_counter() - tic
     output.write_arrays("results", arrays)
 
@@ -694,4 +813,5 @@ EXPERIMENT = Experiment(
     summary="the worked example 1/2 (1 - xy)^2: Figures 1 and 2 and a basin map",
     schema=SCHEMA,
     run=run,
+    plan=plan,
 )
