@@ -3,6 +3,7 @@ engine against a plain Flax training step, config errors, the heatmap statistics
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import struct
@@ -118,6 +119,26 @@ def test_relu_cross_entropy_sgd_config_end_to_end(mnist_dir, tmp_path):
     assert np.all(status[0, 1] == DIVERGED) and not np.any(status[0, 0] == DIVERGED)
     assert loss[0, 0, -1] < loss[0, 0, 0]
     assert summary["depths"][0]["per_eta"][1]["status_fractions"]["diverged"] == 1.0
+
+
+def test_float64_config_runs_in_float64_end_to_end(mnist_dir, tmp_path):
+    """``dtype: float64``: losses and recordings are float64 (``float32``: float32), and two
+    runs of a config give identical arrays. (The initialisations are drawn in the config's
+    dtype, so float32 and float64 runs start from different points.)"""
+    sets = ["data.max_examples=64", "model.depths=[1]", "training.etas=[0.1]",
+            "training.n_init=2", "training.steps=10", "training.record_every=5",
+            "engine.check_every=5"]
+    runs = {}
+    for name, dtype in [("a", "float64"), ("b", "float64"), ("c", "float32")]:
+        config = _config("mnist_gelu_mse_cpu", mnist_dir, *sets, f"dtype={dtype}")
+        outcome = run_config(config, out=tmp_path / name, progress=False, stream=io.StringIO())
+        with np.load(outcome.path / "results.npz") as results:
+            runs[name] = dict(results)
+    for field in ("final_loss", "final_grad_norm", "recorded_loss", "recorded_step_norm"):
+        assert runs["a"][field].dtype == np.float64, field
+        assert runs["c"][field].dtype == np.float32, field
+    for field in runs["a"]:
+        np.testing.assert_array_equal(runs["a"][field], runs["b"][field], err_msg=field)
 
 
 # ----- the model through the engine -----------------------------------------------------------
