@@ -259,7 +259,7 @@ def test_recordings_too_large_for_host_memory(capsys, cwd, no_compute):
     ids=["device", "host"],
 )
 def test_out_of_memory_while_running(capsys, cwd, monkeypatch, error, shown):
-    def run(params, output, progress):
+    def run(params, planned, output, progress):
         raise error
 
     experiment = dataclasses.replace(two_neuron_experiment.EXPERIMENT, run=run)
@@ -275,7 +275,7 @@ def test_out_of_memory_while_running(capsys, cwd, monkeypatch, error, shown):
 
 
 def test_other_runtime_errors_are_not_reported_as_memory(cwd, monkeypatch):
-    def run(params, output, progress):
+    def run(params, planned, output, progress):
         raise JaxRuntimeError("INTERNAL: something else")
 
     experiment = dataclasses.replace(two_neuron_experiment.EXPERIMENT, run=run)

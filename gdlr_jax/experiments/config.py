@@ -239,21 +239,21 @@ class Experiment:
         name: the registry key (``EXPERIMENTS``).
         summary: one line saying what it computes.
         schema: the :class:`Section` of its keys (besides ``experiment`` and ``description``).
-        run: ``run(params, output, progress) -> RunReport``: computes from the resolved keys
-            ``params``, writes arrays and figures through ``output``
+        plan: ``plan(params) -> planned``: from the resolved keys ``params``, checks what
+            the keys alone cannot (the data, the memory of every sweep), raising
+            :class:`ConfigError`, before the output folder is made and before any compute;
+            returns what ``run`` needs (the loaded data, the planned sweeps).
+        run: ``run(params, planned, output, progress) -> RunReport``: computes, writes
+            arrays and figures through ``output``
             (:class:`gdlr_jax.experiments.runner.RunOutput`) and returns what goes into
             ``summary.json`` and the terminal table.
-        plan: ``plan(params) -> None`` or ``None``: checks, before the output folder is made
-            and any compute, what the config keys alone cannot (memory of every sweep),
-            raising :class:`ConfigError`; ``run`` must not fail where ``plan`` passed for
-            the same reason.
     """
 
     name: str
     summary: str
     schema: Section
+    plan: Callable[..., Any]
     run: Callable[..., Any]
-    plan: Callable[[Any], None] | None = None
 
 
 def get_experiment(name: str) -> Experiment:

@@ -617,23 +617,31 @@ def _sweep_depth(
     return sweep(*args, **kwargs, on_chunk=on_chunk, checkpoint_dir=checkpoint_dir)
 
 
-def plan(params: Mapping[str, Any]) -> None:
+def plan(params: Mapping[str, Any]) -> MnistData:
     """Loads the data and plans every depth's sweep (:func:`check_chunks_fit`), before the
     run makes its folder.
+
+    Returns:
+        The training data.
 
     Raises:
         ConfigError: in one line, on a missing or corrupt data folder, or a sweep that is
             estimated not to fit in memory.
     """
     with jax.enable_x64(params["dtype"] == "float64"):
+        data = load_data(params["data"])
         etas = np.asarray(params["training"]["etas"], np.float64)
-        check_chunks_fit(load_data(params["data"]), etas, params, jnp.dtype(params["dtype"]))
+        check_chunks_fit(data, etas, params, jnp.dtype(params["dtype"]))
+        return data
 
 
-def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
-    """Runs the MNIST experiment from resolved config keys (see :data:`SCHEMA`)."""
+def run(
+    params: Mapping[str, Any], data: MnistData, output: RunOutput, progress: bool = True
+) -> RunReport:
+    """Runs the MNIST experiment from resolved config keys (see :data:`SCHEMA`) on ``data``
+    (from :func:`plan`)."""
     with jax.enable_x64(params["dtype"] == "float64"):
-        return _run(params, output, progress)
+        return _run(params, data, output, progress)
 
 
 _FIELDS = (
@@ -643,16 +651,14 @@ _FIELDS = (
 _SHORT_NAMES = ("minimum", "critical pt", "periodic", "not conv.", "diverged")
 
 
-def _run(params: Mapping[str, Any], output: RunOutput, progress: bool) -> RunReport:
+def _run(
+    params: Mapping[str, Any], data: MnistData, output: RunOutput, progress: bool
+) -> RunReport:
     training = params["training"]
     timings = {}
-    tic = time.perf_counter()
-    data = load_data(params["data"])
-    timings["data"] = time.perf_counter() - tic
     dtype = jnp.dtype(params["dtype"])
     etas = np.asarray(training["etas"], np.float64)
     depths = params["model"]["depths"]
-    check_chunks_fit(data, etas, params, dtype)  # every depth, before any compute
     problems = _problems(data, params, dtype, training["n_init"])
 
     results = []
@@ -779,6 +785,6 @@ EXPERIMENT = Experiment(
     summary="MLPs on MNIST digits: trapping region per step size and depth, loss and "
     "eta ||grad L|| heatmaps (Figures 3-6)",
     schema=SCHEMA,
-    run=run,
     plan=plan,
+    run=run,
 )

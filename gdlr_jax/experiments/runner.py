@@ -492,8 +492,8 @@ def run_config(
     """
     stream = sys.stdout if stream is None else stream
     experiment = get_experiment(config.experiment)
-    if experiment.plan is not None:  # before any folder or compute
-        experiment.plan(config.params)
+    start = time.perf_counter()
+    planned = experiment.plan(config.params)  # before any folder or compute
     path = output_dir_for(config.name, out, overwrite=overwrite, runs_dir=runs_dir, resume=resume)
     resuming = resume and (path / _RUN_MARKER).is_file()
     if resume:
@@ -511,9 +511,8 @@ def run_config(
         print(f"gdlr: resuming {config.name} ({config.experiment}) in {path}", file=stream)
     else:
         print(f"gdlr: running {config.name} ({config.experiment}) into {path}", file=stream)
-    start = time.perf_counter()
     try:
-        report = experiment.run(config.params, output, progress=progress)
+        report = experiment.run(config.params, planned, output, progress=progress)
     except ConfigError:  # a config found impossible while computing: leave no partial run
         output.remove()
         raise

@@ -656,17 +656,15 @@ def _eta_grid(eta: Mapping[str, Any]) -> np.ndarray:
     return np.round(np.linspace(eta["start"], eta["stop"], eta["num"]), 12)
 
 
-def run(params: Mapping[str, Any], output: RunOutput, progress: bool = True) -> RunReport:
-    """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`).
+def run(
+    params: Mapping[str, Any], specs: list[_SweepSpec], output: RunOutput, progress: bool = True
+) -> RunReport:
+    """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`) and its
+    sweeps ``specs`` (from :func:`plan`).
 
     Float64 is enabled for the duration (curvature and ``eta_E`` are always float64; the
-    trajectories use ``params["dtype"]``). Every sweep is planned first (:func:`plan`).
-
-    Raises:
-        ConfigError: in one line, before any compute, when a sweep is estimated not to fit
-            in a device's memory or the run in the host's; it says which key to lower.
+    trajectories use ``params["dtype"]``).
     """
-    specs = plan(params)
     with jax.enable_x64(True):
         return _run(params, specs, output, progress)
 
@@ -812,6 +810,6 @@ EXPERIMENT = Experiment(
     name="two_neuron",
     summary="the worked example 1/2 (1 - xy)^2: Figures 1 and 2 and a basin map",
     schema=SCHEMA,
-    run=run,
     plan=plan,
+    run=run,
 )
