@@ -572,7 +572,7 @@ def check_chunks_fit(
     """
     per_chunk, n_init = params["engine"]["etas_per_chunk"], params["training"]["n_init"]
     sizes = (("training.n_init", n_init, 1),)
-    needs = []
+    needs, limit = [], None
     for depth, problem in _problems(data, params, dtype, 1).items():
         grid = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct((n_init,) + x.shape[1:], x.dtype), problem.params0
@@ -581,9 +581,9 @@ def check_chunks_fit(
         try:
             plan = plan_sweep(*args, **kwargs)
             needs.append(MemoryNeed(plan.result_bytes, plan.peak_host_bytes, sizes))
-        except HostMemoryError as err:  # this depth alone does not fit: name the keys
-            check_host_memory([MemoryNeed(err.needed, err.needed, sizes)], limit=err.limit)
-            raise  # not reached: that need exceeds err.limit
+        except HostMemoryError as err:  # alone too large: named by the check below
+            needs.append(MemoryNeed(err.needed, err.needed, sizes))
+            limit = err.limit
         except ChunkMemoryError as err:
             key, value = "engine.etas_per_chunk", per_chunk
             if err.fit >= n_init:
@@ -602,7 +602,7 @@ def check_chunks_fit(
                 f"estimate), a device can allocate {err.limit / 2**30:.3g} GiB; {how}.",
                 key,
             ) from None
-    check_host_memory(needs)  # the results of every depth are kept to the end
+    check_host_memory(needs, limit)  # the results of every depth are kept to the end
 
 
 def _sweep_depth(

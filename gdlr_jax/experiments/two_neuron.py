@@ -490,19 +490,19 @@ def plan(params: Mapping[str, Any]) -> list[_SweepSpec]:
         _check_extent(params, etas)
         dtype = jnp.dtype(params["dtype"])
         specs = _sweep_specs(params, etas)
-        needs = [_profile_need(params["weak_stability"])]
+        needs, limit = [_profile_need(params["weak_stability"])], None
         for spec in specs:
             grid = spec.abstract_grid(dtype)
             args, kwargs = _sweep_arguments(spec, grid, dtype, params["engine"])
             try:
                 sweep_plan = plan_sweep(*args, **kwargs)
+                needs.append(_sweep_need(spec, sweep_plan.result_bytes, sweep_plan.peak_host_bytes))
             except ChunkMemoryError as err:
                 raise _chunk_memory_error(err, spec, params) from None
-            except HostMemoryError as err:  # the sweep alone does not fit: name its key
-                check_host_memory([_sweep_need(spec, err.needed, err.needed)], limit=err.limit)
-                raise  # not reached: that need exceeds err.limit
-            needs.append(_sweep_need(spec, sweep_plan.result_bytes, sweep_plan.peak_host_bytes))
-        check_host_memory(needs)
+            except HostMemoryError as err:  # alone too large: named by the check below
+                needs.append(_sweep_need(spec, err.needed, err.needed))
+                limit = err.limit
+        check_host_memory(needs, limit)
         return specs
 
 
