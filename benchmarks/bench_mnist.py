@@ -96,6 +96,31 @@ def default_data_dir() -> pathlib.Path:
     )
 
 
+def add_mlp_arguments(parser: argparse.ArgumentParser, *, examples: int, n_init: int) -> None:
+    """The options of a GELU MLP on MNIST 0/1 shared by the benchmarks (:func:`mlp_problem`)."""
+    parser.add_argument("--data-dir", type=pathlib.Path, default=default_data_dir())
+    parser.add_argument("--examples", type=int, default=examples, help="0: every 0 and 1")
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--n-init", type=int, default=n_init)
+
+
+def mlp_problem(args: argparse.Namespace) -> tuple[tuple, object, Callable]:
+    """``(batch, params0, full_batch_loss)`` of ``args.n_init`` GELU MLPs with the MSE loss on
+    the MNIST examples of :func:`add_mlp_arguments` (float32, key 0)."""
+    data = load_mnist(args.data_dir, max_examples=args.examples or None)
+    batch = (jnp.asarray(data.images), jnp.asarray(data.labels))
+    graphdef, params0 = init_mlp_params(
+        jax.random.key(0), args.n_init, depth=args.depth, width=args.width, activation="gelu"
+    )
+    loss = mlp_loss(graphdef, loss="mse")
+
+    def full_batch_loss(params):
+        return loss(params, batch)
+
+    return batch, params0, full_batch_loss
+
+
 def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict:
     """Median wall time of each method over ``repeats`` rounds, one call of each per round."""
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -109,28 +134,15 @@ def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=pathlib.Path, default=default_data_dir())
-    parser.add_argument("--examples", type=int, default=512, help="0: every 0 and 1")
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--n-init", type=int, default=16)
+    add_mlp_arguments(parser, examples=512, n_init=16)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eta", type=float, default=0.05, help="small: no trajectory diverges")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     print(machine_info())
-    data = load_mnist(args.data_dir, max_examples=args.examples or None)
-    n = data.labels.shape[0]
-    batch = (jnp.asarray(data.images), jnp.asarray(data.labels))
-    graphdef, params0 = init_mlp_params(
-        jax.random.key(0), args.n_init, depth=args.depth, width=args.width, activation="gelu"
-    )
-    loss = mlp_loss(graphdef, loss="mse")
-
-    def full_batch_loss(params):
-        return loss(params, batch)
-
+    batch, params0, full_batch_loss = mlp_problem(args)
+    n = batch[1].shape[0]
     grad = jax.grad(full_batch_loss)
     steps, eta = args.steps, jnp.float32(args.eta)
 

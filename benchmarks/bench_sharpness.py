@@ -19,7 +19,8 @@ and draws ``recorded_sharpness`` against ``2 / eta``
 Usage (the figures in docs/benchmarks.md, section Sharpness, were made with the defaults)::
 
     python benchmarks/bench_sharpness.py [--data-dir DIR] [--examples 256] [--depth 2]
-        [--n-init 8] [--steps 1000] [--every 20] [--iterations 20] [--etas 0.1 0.5 1.0 2.0] [--repeats 3]
+        [--n-init 8] [--steps 1000] [--every 20] [--iterations 20] [--etas 0.1 0.5 1.0 2.0]
+        [--repeats 3]
         [--figure docs/figures/sharpness_mnist_gelu_mse.png]
 """
 
@@ -29,26 +30,19 @@ import argparse
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from bench_mnist import default_data_dir, interleaved_medians, machine_info
+from bench_mnist import add_mlp_arguments, interleaved_medians, machine_info, mlp_problem
 
 import gdlr_jax
 from gdlr_jax import TrajectoryStatus
-from gdlr_jax.data import load_mnist
 from gdlr_jax.experiments import figures
-from gdlr_jax.mlp import init_mlp_params, mlp_loss
 
 REFERENCE_ITERATIONS = 80
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=pathlib.Path, default=default_data_dir())
-    parser.add_argument("--examples", type=int, default=256, help="0: every 0 and 1")
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--n-init", type=int, default=8)
+    add_mlp_arguments(parser, examples=256, n_init=8)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=20, help="sharpness_every")
     parser.add_argument("--iterations", type=int, default=20, help="sharpness_iterations")
@@ -63,16 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(machine_info())
-    data = load_mnist(args.data_dir, max_examples=args.examples or None)
-    batch = (jnp.asarray(data.images), jnp.asarray(data.labels))
-    graphdef, params0 = init_mlp_params(
-        jax.random.key(0), args.n_init, depth=args.depth, width=args.width, activation="gelu"
-    )
-    loss = mlp_loss(graphdef, loss="mse")
-
-    def full_batch_loss(params):
-        return loss(params, batch)
-
+    batch, params0, full_batch_loss = mlp_problem(args)
     etas = np.asarray(args.etas, np.float32)
     criteria = gdlr_jax.ConvergenceCriteria(grad_tol=5e-3, step_tol=5e-3, loss_tol=1e-2)
 
