@@ -48,7 +48,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from gdlr_jax import mlp
-from gdlr_jax._sweep import ChunkMemoryError, HostMemoryError, SweepResult, plan_sweep, sweep
+from gdlr_jax._sweep import (
+    ChunkMemoryError,
+    HostMemoryError,
+    SweepResult,
+    plan_sweep,
+    readable_size,
+    sweep,
+)
 from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.data import MnistData, load_mnist
 from gdlr_jax.data.mnist import NUM_PIXELS, SOURCES
@@ -598,8 +605,8 @@ def check_chunks_fit(
             raise ConfigError(
                 f"config key '{key}' has value {value}: depth {depth} does not fit in memory: "
                 f"{per_chunk} x {n_init} trajectories per chunk (engine.etas_per_chunk x "
-                f"training.n_init) of about {err.per_trajectory / 2**30:.3g} GiB each (an "
-                f"estimate), a device can allocate {err.limit / 2**30:.3g} GiB; {how}.",
+                f"training.n_init) of about {readable_size(err.per_trajectory)} each (an "
+                f"estimate), a device can allocate {readable_size(err.limit)}; {how}.",
                 key,
             ) from None
     check_host_memory(needs, limit)  # the results of every depth are kept to the end
