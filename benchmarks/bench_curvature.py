@@ -44,7 +44,7 @@ from jax.flatten_util import ravel_pytree
 jax.config.update("jax_enable_x64", True)
 
 import gdlr_jax as g  # noqa: E402
-from gdlr_jax.data.mnist import load_mnist  # noqa: E402
+from gdlr_jax.data import load_mnist  # noqa: E402
 from gdlr_jax.mlp import init_mlp_params, mlp_loss  # noqa: E402
 
 

@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from jax.errors import JaxRuntimeError
 
 from gdlr_jax import __version__
-from gdlr_jax._checkpoint import CheckpointMismatchError
-from gdlr_jax.experiments.config import EXPERIMENTS, ConfigError, get_experiment, load_config
+from gdlr_jax.engine._checkpoint import CheckpointMismatchError
+from gdlr_jax.experiments.config import (
+    EXPERIMENTS,
+    ConfigError,
+    get_experiment,
+    load_config,
+)
 from gdlr_jax.experiments.runner import (
     DEFAULT_CONFIG,
     RUNS_DIR,

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from gdlr_jax._trajectory_status import TrajectoryStatus
+from gdlr_jax.engine._trajectory_status import TrajectoryStatus
 
 #: colour and legend label of each trajectory status.
 STATUS_STYLE: dict[TrajectoryStatus, tuple[str, str]] = {

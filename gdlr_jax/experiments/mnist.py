@@ -47,18 +47,16 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from gdlr_jax import mlp
-from gdlr_jax._sweep import (
+from gdlr_jax.engine import (
     ChunkMemoryError,
+    ConvergenceCriteria,
     HostMemoryError,
     SweepResult,
+    TrajectoryStatus,
     plan_sweep,
-    readable_size,
     sweep,
 )
-from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
-from gdlr_jax.data import MnistData, load_mnist
-from gdlr_jax.data.mnist import NUM_PIXELS, SOURCES
+from gdlr_jax.engine._memory import readable_size
 from gdlr_jax.experiments import figures
 from gdlr_jax.experiments.config import ConfigError, Experiment, Scalar, Section
 from gdlr_jax.experiments.runner import (
@@ -69,6 +67,9 @@ from gdlr_jax.experiments.runner import (
     progress_bar,
 )
 from gdlr_jax.experiments.two_neuron import SCHEMA as _TWO_NEURON_SCHEMA
+from gdlr_jax.problems import mlp
+from gdlr_jax.problems.data import MnistData, load_mnist
+from gdlr_jax.problems.data.mnist import NUM_PIXELS, SOURCES
 
 
 # ----- the schema ---------------------------------------------------------------------------

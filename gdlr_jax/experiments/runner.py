@@ -11,7 +11,7 @@ renamed into place, so an interrupted run never leaves a half-written file):
   fingerprint, gdlr_jax version, overrides, wall time, files). A folder without it holds an
   unfinished run;
 * while running, ``checkpoints/<sweep>/``: the finished chunks of each sweep
-  (``gdlr_jax._checkpoint``), removed once ``summary.json`` is written.
+  (``gdlr_jax.engine._checkpoint``), removed once ``summary.json`` is written.
 
 A previous run is never overwritten silently: without ``--out`` a taken ``runs/NAME`` becomes
 ``runs/NAME-2``, ``runs/NAME-3``, ...; an explicit ``--out`` that is not empty is an error
@@ -41,8 +41,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from gdlr_jax import __version__
-from gdlr_jax._checkpoint import write_atomically
-from gdlr_jax._sweep import host_available_bytes, readable_size
+from gdlr_jax.engine._checkpoint import write_atomically
+from gdlr_jax.engine._memory import host_available_bytes, readable_size
 from gdlr_jax.experiments.config import Config, ConfigError, get_experiment
 
 #: the config that ``gdlr run`` runs when none is named.
@@ -332,7 +332,7 @@ def check_host_memory(needs: Sequence[MemoryNeed], limit: int | None = None) -> 
     """Checks that the parts of a run, made in the order of ``needs``, fit in host memory.
 
     The run peaks at ``max_i (sum_{j < i} kept_j + peak_i)``. When that exceeds ``limit``
-    (default :func:`gdlr_jax._sweep.host_available_bytes`; unknown: no check), the part that
+    (default :func:`gdlr_jax.engine._sweep.host_available_bytes`; unknown: no check), the part that
     needs most at that moment is blamed, and for each of its keys a value that would fit is
     suggested (its bytes growing as ``value ** exponent``, the other parts unchanged).
 

@@ -34,19 +34,27 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from gdlr_jax import linear
-from gdlr_jax._stability import CRITERIA, weak_stability_threshold
-from gdlr_jax._sweep import (
+from gdlr_jax.dynamics import critical_step_size
+from gdlr_jax.dynamics._stability import CRITERIA, weak_stability_threshold
+from gdlr_jax.engine import (
     ChunkMemoryError,
+    ConvergenceCriteria,
     HostMemoryError,
     SweepResult,
+    TrajectoryStatus,
     plan_sweep,
-    readable_size,
     sweep,
 )
-from gdlr_jax._trajectory_status import ConvergenceCriteria, TrajectoryStatus
+from gdlr_jax.engine._memory import readable_size
 from gdlr_jax.experiments import figures
-from gdlr_jax.experiments.config import ConfigError, Experiment, Numbers, Repeated, Scalar, Section
+from gdlr_jax.experiments.config import (
+    ConfigError,
+    Experiment,
+    Numbers,
+    Repeated,
+    Scalar,
+    Section,
+)
 from gdlr_jax.experiments.runner import (
     MemoryNeed,
     RunOutput,
@@ -54,6 +62,7 @@ from gdlr_jax.experiments.runner import (
     check_host_memory,
     progress_bar,
 )
+from gdlr_jax.problems import linear
 
 
 # ----- the schema ---------------------------------------------------------------------------
@@ -691,7 +700,7 @@ def _run(
     timings["weak_stability"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    critical = linear.two_neuron(jnp.float64).critical_step_size(**params["critical_step_size"])
+    critical = critical_step_size(linear.two_neuron(jnp.float64), **params["critical_step_size"])
     timings["critical_step_size"] = time.perf_counter() - tic
 
     ctx = _Context(

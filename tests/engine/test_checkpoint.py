@@ -1,0 +1,249 @@
+"""Checkpoints of a sweep (gdlr_jax.engine._checkpoint, sweep(checkpoint_dir=...)): chunk files round
+trip, a resumed sweep equals an uninterrupted one bit for bit, unusable files are recomputed,
+a folder of another sweep is refused, writes are atomic."""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gdlr_jax
+from gdlr_jax.engine._checkpoint import (
+    CheckpointMismatchError,
+    ChunkStore,
+    sweep_fingerprint,
+    write_atomically,
+)
+from gdlr_jax.engine import SweepPlan
+
+
+def two_neuron(p):
+    """``1/2 (1 - x y)^2`` with parameters ``{"x": x, "y": y}`` (a pytree of two leaves)."""
+    return 0.5 * (1.0 - p["x"] * p["y"]) ** 2
+
+
+def regression(w, batch):
+    return 0.5 * jnp.mean(jnp.square(batch[0] @ w - batch[1]))
+
+
+# every status (see tests/test_sweep.py); 15 trajectories in chunks of 4: the last one is short
+INITS = np.array([[0.5, 1.5], [0.0, 0.0], [1.2, 1.1], [1e3, 1e3], [-0.7, 0.4]])
+GD = dict(
+    loss_fn=two_neuron,
+    params0={"x": INITS[:, 0], "y": INITS[:, 1]},
+    etas=[0.4, 1.05, 1.5],
+    steps=300,
+    min_loss_value=0.0,
+    record_every=7,
+    record_params=True,
+    chunk_size=4,
+    dtype=jnp.float64,
+)
+_X = jax.random.normal(jax.random.key(3), (40, 3))
+SGD = dict(  # minibatches, a key per initialisation, an optax optimiser, float32
+    loss_fn=regression,
+    params0=0.3 * jnp.ones((3, 3)),
+    etas=[0.1, 0.3, 5.0],
+    steps=40,
+    batch_source=((_X, _X @ jnp.array([1.0, -2.0, 0.5])), 8),
+    key=jax.random.key(1),
+    same_batches=False,
+    optimizer=functools.partial(optax.sgd, momentum=0.9),
+    chunk_size=2,
+    dtype=jnp.float32,
+)
+
+
+def assert_identical(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture
+def run_chunk_calls(monkeypatch):
+    """The chunk indices that SweepPlan.run_chunk computes (rather than loads)."""
+    calls: list[int] = []
+    original = SweepPlan.run_chunk
+
+    def spy(self, index):
+        calls.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(SweepPlan, "run_chunk", spy)
+    return calls
+
+
+def test_chunk_files_round_trip_pytrees_none_fields_and_float64(tmp_path):
+    plan = gdlr_jax.plan_sweep(**GD)
+    store = ChunkStore(tmp_path / "ck", plan)
+    for index in (0, plan.num_chunks - 1):
+        chunk = plan.run_chunk(index)
+        store.save(index, chunk)
+        assert_identical(store.load(index), chunk)
+    assert chunk.final_params["x"].dtype == np.float64 and chunk.recorded_params is not None
+    assert store.load(1) is None  # not saved
+    plain = gdlr_jax.plan_sweep(**{**GD, "record_every": None, "record_params": False})
+    chunk = plain.run_chunk(0)
+    assert chunk.recorded_loss is None
+    other = ChunkStore(tmp_path / "plain", plain)
+    other.save(0, chunk)
+    assert_identical(other.load(0), chunk)
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["chunk-00000.npz", "chunk-00003.npz", "sweep.json"]  # no temp files
+
+
+@pytest.mark.parametrize("case", [GD, SGD], ids=["gd-pytree-recordings", "sgd-optax"])
+def test_resumed_sweep_equals_uninterrupted_bit_for_bit(tmp_path, run_chunk_calls, case):
+    reference = gdlr_jax.sweep(**case)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_chunk_1(index, chunk):
+        if index == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        gdlr_jax.sweep(**case, checkpoint_dir=tmp_path, on_chunk=crash_after_chunk_1)
+    assert sorted(p.name for p in tmp_path.glob("chunk-*")) == [
+        "chunk-00000.npz",
+        "chunk-00001.npz",
+    ]
+    run_chunk_calls.clear()
+    seen = []
+    resumed = gdlr_jax.sweep(
+        **case,
+        checkpoint_dir=tmp_path,
+        progress=True,
+        on_chunk=lambda index, chunk: seen.append((index, chunk.start, chunk.stop)),
+    )
+    plan = gdlr_jax.plan_sweep(**case)
+    assert run_chunk_calls == list(range(2, plan.num_chunks))  # only the missing chunks ran
+    assert seen == [(i, *plan.chunk_bounds(i)) for i in range(plan.num_chunks)]
+    assert_identical(resumed, reference)
+    run_chunk_calls.clear()
+    assert_identical(gdlr_jax.sweep(**case, checkpoint_dir=tmp_path), reference)
+    assert run_chunk_calls == []  # everything loaded
+
+
+def _drop_field(path, name):
+    with np.load(path) as data:
+        arrays = dict(data)
+    layout = json.loads(str(arrays["__layout__"]))
+    del layout["fields"][name]
+    arrays["__layout__"] = np.array(json.dumps(layout))
+    np.savez(path, **arrays)
+
+
+def _flip_a_byte_of(path, name):
+    with np.load(path) as data:
+        values = data[name].tobytes()
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(values) + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_unusable_chunk_files_are_recomputed_with_a_warning(tmp_path, run_chunk_calls):
+    kwargs = {**GD, "chunk_size": 3}  # 5 chunks
+    reference = gdlr_jax.sweep(**kwargs, checkpoint_dir=tmp_path)
+    chunk0 = (tmp_path / "chunk-00000.npz").read_bytes()
+    (tmp_path / "chunk-00000.npz").write_bytes(chunk0[: len(chunk0) // 2])  # truncated
+    (tmp_path / "chunk-00001.npz").write_bytes(b"not a chunk")
+    (tmp_path / "chunk-00002.npz").write_bytes(chunk0)  # another chunk's trajectories
+    _drop_field(tmp_path / "chunk-00003.npz", "period")
+    _flip_a_byte_of(tmp_path / "chunk-00004.npz", "final_loss.0")
+    (tmp_path / ".chunk-00001.npz.x1y2.tmp").write_bytes(b"left by a killed writer")
+    run_chunk_calls.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = gdlr_jax.sweep(**kwargs, checkpoint_dir=tmp_path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    reasons = [
+        "BadZipFile",
+        "ValueError",
+        "it holds trajectories 0..3, the plan's chunk 6..9",
+        "fields missing: ['period'], unknown: []",
+        "Bad CRC-32 for file 'final_loss.0.npy'",
+    ]
+    assert len(messages) == len(reasons)
+    for index, why in enumerate(reasons):
+        assert f"chunk-{index:05d}.npz is unusable" in messages[index]
+        assert why in messages[index] and f"recomputing chunk {index}" in messages[index]
+    assert run_chunk_calls == [0, 1, 2, 3, 4]
+    assert_identical(resumed, reference)
+    assert not list(tmp_path.glob(".*.tmp"))
+    plan = gdlr_jax.plan_sweep(**kwargs)
+    store = ChunkStore(tmp_path, plan)
+    assert all(store.load(i) is not None for i in range(plan.num_chunks))  # rewritten
+
+
+def _make_target_loss(target):
+    def loss(p):
+        return 0.5 * (target - p["x"] * p["y"]) ** 2
+
+    return loss
+
+
+def test_a_folder_of_another_sweep_is_refused_naming_what_differs(tmp_path):
+    folder = tmp_path / "ck"
+    gdlr_jax.sweep(**{**GD, "loss_fn": _make_target_loss(jnp.ones(()))}, checkpoint_dir=folder)
+    changes = {
+        "engine.steps: saved \"300\", now \"301\"": {"steps": 301},
+        "etas: saved ": {"etas": [0.4, 1.05, 1.6]},
+        "params0: saved ": {"params0": {"x": INITS[:, 0], "y": INITS[:, 1] + 1e-12}},
+        "chunk_size: saved 4, now 8": {"chunk_size": 8},
+        "engine.criteria": {"criteria": gdlr_jax.ConvergenceCriteria(grad_tol=1e-4)},
+        # same function name, another closed-over constant: only the jaxpr digest differs
+        "(loss_jaxpr: saved ": {"loss_fn": _make_target_loss(2 * jnp.ones(()))},
+    }
+    for expected, change in changes.items():
+        kwargs = {**GD, "loss_fn": _make_target_loss(jnp.ones(())), **change}
+        with pytest.raises(CheckpointMismatchError) as info:
+            gdlr_jax.sweep(**kwargs, checkpoint_dir=folder)
+        message = str(info.value)
+        assert isinstance(info.value, ValueError)
+        assert message.startswith(f"checkpoint folder {folder} holds chunks of a different sweep")
+        assert expected in message, message
+        assert message.endswith(f"pass another checkpoint folder, or delete {folder} to start over")
+    # the same arguments (new but equal arrays and loss) are accepted
+    gdlr_jax.sweep(**{**GD, "loss_fn": _make_target_loss(jnp.ones(()))}, checkpoint_dir=folder)
+    (folder / "sweep.json").unlink()
+    with pytest.raises(CheckpointMismatchError, match="holds chunk files but no sweep.json"):
+        gdlr_jax.sweep(**GD, checkpoint_dir=folder)
+
+
+def test_fingerprint_ignores_the_device_list_but_not_the_dtype():
+    one = sweep_fingerprint(gdlr_jax.plan_sweep(**GD, devices=jax.local_devices()[:1]))
+    assert one == sweep_fingerprint(gdlr_jax.plan_sweep(**GD))
+    f32 = sweep_fingerprint(gdlr_jax.plan_sweep(**{**GD, "dtype": jnp.float32}))
+    assert {k for k in one if one[k] != f32[k]} == {"etas", "params0", "loss_jaxpr"}
+    json.dumps(one)  # JSON-compatible
+
+
+def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    write_atomically(target, lambda handle: handle.write(b"old"))
+
+    def half_then(error):
+        def write(handle):
+            handle.write(b"half of the new")
+            raise error
+
+        return write
+
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            write_atomically(target, half_then(error))
+        assert target.read_bytes() == b"old"
+        assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
