@@ -19,8 +19,9 @@ step, for ``n`` examples and layer sizes ``d_0 = 784, d_1, ..., d_L``:
     +  input gradients 2 n sum_{l >= 2} d_{l-1} d_l
 
 (elementwise operations, the loss and the update are not counted, so these are lower bounds
-of the work done). On an accelerator whose peak is known (vendor datasheets, below) it also
-prints the share of that peak. Every timing is warmed up (compilation excluded), blocked until
+of the work done), and the share of the device's float32 peak: on a CPU ``cores x 2 FMA units
+x (SIMD width / 32) x 2 FLOP x clock`` (from ``/proc/cpuinfo``, like ``bench_sweep.py``), on an
+accelerator whose peak is known the vendor datasheet's (below). Every timing is warmed up (compilation excluded), blocked until
 ready, and the median of ``--repeats`` interleaved repetitions; the three results are checked
 against each other.
 
@@ -36,6 +37,7 @@ the repository.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pathlib
 import platform
@@ -46,6 +48,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_sweep import FMA_UNITS, cpu_info
 from jax import lax
 
 import gdlr_jax
@@ -64,7 +67,7 @@ PEAK_FLOPS = {
 
 def matmul_flops_per_step(n: int, sizes: list[int]) -> int:
     """Matmul FLOPs of one full-batch GD step on ``n`` examples (formula in the docstring)."""
-    products = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    products = [a * b for a, b in itertools.pairwise(sizes)]
     return 2 * n * (2 * sum(products) + sum(products[1:]))
 
 
@@ -85,7 +88,13 @@ def machine_info() -> str:
 
 
 def device_peak() -> dict[str, float]:
-    kind = jax.devices()[0].device_kind
+    """Peak FLOP/s of the first device: the CPU's float32 FMA peak, or a datasheet's."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        info = cpu_info()
+        cores = len(os.sched_getaffinity(0))
+        return {"fp32": cores * FMA_UNITS * info["simd_bits"] // 32 * 2 * info["ghz"] * 1e9}
+    kind = device.device_kind
     return next((peak for name, peak in PEAK_FLOPS.items() if name in kind), {})
 
 
@@ -191,13 +200,16 @@ def main() -> None:
           f"full-batch GD steps, float32; {flops / 1e6:.1f} matmul MFLOP per trajectory-step")
     header = f"{'method':12s} {'time (s)':>9s} {'traj-steps/s':>13s} {'GFLOP/s':>9s}"
     header += "".join(f" {'% ' + k + ' peak':>17s}" for k in peak)
-    print(header + f" {'vs python loop':>15s}")
+    print(header + f" {'vs plain vmap':>14s} {'vs python loop':>15s}")
     loop_rate = trajectory_steps / seconds["python loop"]
+    vmap_rate = trajectory_steps / seconds["plain vmap"]
     for name, s in seconds.items():
         rate = trajectory_steps / s
         line = f"{name:12s} {s:9.3f} {rate:13.1f} {rate * flops / 1e9:9.2f}"
         line += "".join(f" {100 * rate * flops / p:16.2f}%" for p in peak.values())
-        print(line + f" {rate / loop_rate:14.2f}x")
+        print(line + f" {rate / vmap_rate:13.2f}x {rate / loop_rate:14.2f}x")
+    if "fp32" in peak:
+        print(f"(fp32 peak assumed: {peak['fp32'] / 1e9:.0f} GFLOP/s)")
     if not peak:
         print(f"(no peak FLOP/s known for {jax.devices()[0].device_kind!r}: share of peak not "
               "reported)")

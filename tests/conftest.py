@@ -39,12 +39,16 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 def mnist_dir() -> pathlib.Path:
     """The folder of real MNIST IDX files used by the data and experiment tests.
 
-    Taken from ``GDLR_MNIST_DIR`` or, by default, ``../shared/data/mnist-sample`` beside the
-    repository (where CI lays it). Tests that need it are skipped when it is absent.
+    Taken from ``GDLR_MNIST_DIR`` (the variable ``gdlr run`` reads too, docs/data.md) or, by
+    default, ``../shared/data/mnist-sample`` beside the repository (where the project's CI
+    lays its sample). Tests that need it are skipped when it is absent.
     """
     path = pathlib.Path(
         os.environ.get("GDLR_MNIST_DIR", REPO_ROOT.parent / "shared" / "data" / "mnist-sample")
     )
     if not path.is_dir():
-        pytest.skip(f"MNIST sample folder not found at {path} (set GDLR_MNIST_DIR)")
+        pytest.skip(
+            f"MNIST folder not found at {path} (set GDLR_MNIST_DIR to a folder of MNIST IDX "
+            "files; docs/data.md)"
+        )
     return path

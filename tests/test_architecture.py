@@ -13,8 +13,9 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gdlr_jax"
 LAYERS = ("problems", "curvature", "dynamics", "engine", "experiments")
-# The top-level modules: the public API (``__init__``) and the public names of layer-1 modules.
-FACADES = {"__init__": len(LAYERS), "linear": 0, "mlp": 0, "data": 0}
+# The top-level modules: the public API (``__init__``, above every layer), the version (imports
+# nothing) and the public names of the layer-1 modules.
+FACADES = {"__init__": len(LAYERS), "_version": 0, "linear": 0, "mlp": 0, "data": 0}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -62,8 +63,6 @@ def test_every_module_is_in_a_layer():
 def test_no_import_against_the_layer_order(path):
     own = _layer(_module_name(path))
     for line, module in _imports(path):
-        if module == "gdlr_jax" and own < FACADES["__init__"]:
-            continue  # ``from gdlr_jax import __version__``: set before any import
         assert _layer(module) <= own, (
             f"{path.relative_to(PACKAGE)}:{line} (layer {own + 1}, {LAYERS[min(own, 4)]}) imports "
             f"{module} (layer {_layer(module) + 1}): imports go only to the same or earlier layers"
@@ -98,6 +97,52 @@ def test_no_import_circles():
         if name not in state:
             visit(name, [name])
 
+
+
+def _experiment_imports(path: pathlib.Path) -> list[str]:
+    """``file:line imports module`` for every import of a registered experiment module
+    (``EXPERIMENTS`` of ``gdlr_jax/experiments/config.py``) in a file, its own name aside."""
+    from gdlr_jax.experiments.config import EXPERIMENTS
+
+    own = _module_name(path)
+    experiments = set(EXPERIMENTS.values())
+    return [
+        f"{path.relative_to(PACKAGE)}:{line} imports {module}"
+        for line, module in _imports(path)
+        if module in experiments and module != own
+    ]
+
+
+EXPERIMENT_LAYER = sorted((PACKAGE / "experiments").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_LAYER, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_an_experiment_module(path):
+    # each experiment holds only what is its own: what experiments share lives in _skeleton,
+    # _shared_problems and figures/, and the registry names the experiments as strings
+    found = _experiment_imports(path)
+    assert not found, "; ".join(found) + ": move what is shared to a shared module"
+
+
+def test_the_experiment_import_check_sees_such_an_import(tmp_path, monkeypatch):
+    # what fractal_boundary.py did before it was decoupled, in the three forms of an import
+    copy = tmp_path / "gdlr_jax" / "experiments" / "fractal_boundary.py"
+    copy.parent.mkdir(parents=True)
+    for name in ("mnist", "two_neuron", "_skeleton"):
+        (copy.parent / f"{name}.py").write_text("")
+    copy.write_text(
+        "from gdlr_jax.experiments import _skeleton, mnist\n"
+        "from gdlr_jax.experiments.two_neuron import initial_grid\n"
+        "import gdlr_jax.experiments.fractal_boundary\n"
+        "def f():\n"
+        "    import gdlr_jax.experiments.two_neuron as tn\n"
+    )
+    monkeypatch.setitem(globals(), "PACKAGE", tmp_path / "gdlr_jax")
+    assert _experiment_imports(copy) == [
+        "experiments/fractal_boundary.py:1 imports gdlr_jax.experiments.mnist",
+        "experiments/fractal_boundary.py:2 imports gdlr_jax.experiments.two_neuron",
+        "experiments/fractal_boundary.py:5 imports gdlr_jax.experiments.two_neuron",
+    ]
 
 # Every public name importable before the layout change (commit 546a733).
 PUBLIC = {

@@ -2,15 +2,19 @@
 
 * ``_hessian``: dense Hessians, spectra and eigenvalue counts (small models, float64);
 * ``_hvp``: Hessian-vector products (forward over reverse) and matvecs of flat vectors;
-* ``_lanczos``: the Lanczos tridiagonalisation with full reorthogonalisation;
-* ``_extreme_eigenvalues``: top/bottom eigenvalues and the spectrum of ``DG = I - eta H``;
+* ``_lanczos``: the Lanczos tridiagonalisation with full reorthogonalisation, compiled once per
+  (operator function, shapes, options);
+* ``_extreme_eigenvalues``: top/bottom eigenpairs with residual bounds and a tolerance stop,
+  and the spectrum of ``DG = I - eta H``;
 * ``_spectral_density``: stochastic Lanczos quadrature and the spectral density.
 
 Imports only layer 1 (problems).
 """
 
+from gdlr_jax.curvature._extreme_eigenvalues import Eigenpairs as Eigenpairs
 from gdlr_jax.curvature._extreme_eigenvalues import GdMapSpectrum as GdMapSpectrum
 from gdlr_jax.curvature._extreme_eigenvalues import bottom_eigenvalues as bottom_eigenvalues
+from gdlr_jax.curvature._extreme_eigenvalues import extreme_eigenpairs as extreme_eigenpairs
 from gdlr_jax.curvature._extreme_eigenvalues import gd_map_spectrum as gd_map_spectrum
 from gdlr_jax.curvature._extreme_eigenvalues import (
     smallest_nonzero_eigenvalue as smallest_nonzero_eigenvalue,

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
 
-from gdlr_jax.problems._pytree import LossFn, PyTree
+from gdlr_jax.problems._pytree import (
+    LossFn,
+    PyTree,
+    check_dimension,
+    check_loss_dtype,
+    check_param_dtypes,
+)
 
 
 class FlatLoss(NamedTuple):
@@ -35,22 +41,20 @@ def flatten_loss(loss_fn: LossFn, params: PyTree) -> FlatLoss:
     """Flattens ``loss_fn`` over the pytree ``params`` into a function of a vector ``(d,)``.
 
     Raises:
-        ValueError: if ``params`` has no leaves, a leaf is not a floating array, or ``loss_fn``
-            does not return a scalar (checked with ``jax.eval_shape``, before any compute).
+        ValueError: if ``params`` has no leaves or no parameters, a leaf is not a float32 or
+            float64 array, or ``loss_fn`` does not return a real floating scalar (checked
+            with ``jax.eval_shape``, before any compute).
     """
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("params: the pytree has no array leaves; expected at least one.")
-    for leaf in leaves:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"params: every leaf must be a floating-point array, got a leaf of dtype {dtype}."
-            )
+    check_param_dtypes("params", (jnp.result_type(leaf) for leaf in leaves))
+    check_dimension("params", (jnp.shape(leaf) for leaf in leaves))
     out = jax.eval_shape(loss_fn, params)
     if not hasattr(out, "shape") or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"loss_fn must return a scalar, got an output of shape {shape}.")
+    check_loss_dtype(out.dtype)
     theta, unravel = ravel_pytree(params)
     return FlatLoss(lambda t: loss_fn(unravel(t)), theta, unravel)
 
@@ -87,35 +91,36 @@ def hessian_spectrum(loss_fn: LossFn, params: PyTree) -> Float[Array, " d"]:
 
 
 def zero_tolerance(
-    eigenvalues: Float[Array, "... d"], rtol: float | None = None
+    eigenvalues: Float[Array, "... d"], zero_rtol: float | None = None
 ) -> Float[Array, "..."]:
     """The absolute threshold below which ``|lambda|`` counts as zero.
 
-    ``tol = rtol * max_i |lambda_i|`` with the default ``rtol = 100 * d * eps`` (``eps`` of the
-    eigenvalues' dtype): the backward error of a symmetric eigensolver is of order
-    ``d * eps * ||H||``, and autodiff adds a few ulps per entry.
+    ``tol = zero_rtol * max_i |lambda_i|`` with the default ``zero_rtol = 100 * d * eps``
+    (``eps`` of the eigenvalues' dtype): the backward error of a symmetric eigensolver is of
+    order ``d * eps * ||H||``, and autodiff adds a few ulps per entry. (The curvature routines
+    keep the name ``rtol`` for a residual tolerance; a zero threshold is ``zero_rtol``.)
     """
     d = eigenvalues.shape[-1]
-    if rtol is None:
-        rtol = 100.0 * max(d, 1) * float(jnp.finfo(eigenvalues.dtype).eps)
-    elif not rtol >= 0:
-        raise ValueError(f"rtol must be a non-negative number, got {rtol!r}.")
-    return rtol * jnp.max(jnp.abs(eigenvalues), axis=-1)
+    if zero_rtol is None:
+        zero_rtol = 100.0 * max(d, 1) * float(jnp.finfo(eigenvalues.dtype).eps)
+    elif not zero_rtol >= 0:
+        raise ValueError(f"zero_rtol must be a non-negative number, got {zero_rtol!r}.")
+    return zero_rtol * jnp.max(jnp.abs(eigenvalues), axis=-1)
 
 
 def spectrum_counts(
-    eigenvalues: Float[Array, "... d"], rtol: float | None = None
+    eigenvalues: Float[Array, "... d"], zero_rtol: float | None = None
 ) -> Int[Array, "... 3"]:
     """Counts ``(n_negative, n_zero, n_positive)`` of a spectrum, with a scale-aware zero.
 
-    An eigenvalue is zero when ``|lambda| <= rtol * max_i |lambda_i|``; see
-    :func:`zero_tolerance` for the default ``rtol``. Used to check Prop. 10 (the Hessian at a
+    An eigenvalue is zero when ``|lambda| <= zero_rtol * max_i |lambda_i|``; see
+    :func:`zero_tolerance` for the default ``zero_rtol``. Used to check Prop. 10 (the Hessian at a
     global minimum of a linear network has ``dim M`` zero and ``r (d_0 + d_h - r)`` positive
     eigenvalues).
 
     Args:
         eigenvalues: ``(..., d)`` real eigenvalues (any order); leading axes are batch axes.
-        rtol: relative zero tolerance, or None for the default.
+        zero_rtol: relative zero threshold, or None for the default.
 
     Returns:
         ``(..., 3)`` integer counts ``(n_negative, n_zero, n_positive)``.
@@ -125,7 +130,7 @@ def spectrum_counts(
         raise ValueError(
             f"eigenvalues must have at least one axis, got shape {eigenvalues.shape}."
         )
-    tol = zero_tolerance(eigenvalues, rtol)[..., None]
+    tol = zero_tolerance(eigenvalues, zero_rtol)[..., None]
     zero = jnp.abs(eigenvalues) <= tol
     negative = (eigenvalues < 0) & ~zero
     positive = (eigenvalues > 0) & ~zero

@@ -21,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from gdlr_jax.curvature._hessian import flatten_loss
-from gdlr_jax.problems._pytree import PyTree, check_finite
+from gdlr_jax.problems._pytree import PyTree, check_finite, check_loss_dtype
 
 Matvec = Callable[[Float[Array, " d"]], Float[Array, " d"]]
 
@@ -104,6 +104,7 @@ def hvp(
 
     def batch_hvp(batch: PyTree | None) -> PyTree:
         loss = loss_fn if batch is None else (lambda p: loss_fn(p, batch))
+        check_loss_dtype(jax.eval_shape(loss, params).dtype)  # before jax.grad's TypeError
         return jax.jvp(jax.grad(loss), (params,), (tangents,))[1]
 
     if data is None:

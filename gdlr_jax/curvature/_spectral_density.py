@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from gdlr_jax.curvature._hessian import PyTree
 from gdlr_jax.curvature._lanczos import (
+    CoreSpec,
     Operator,
-    as_symmetric_operator,
     check_num_iterations,
-    lanczos,
-    state_dtype,
+    default_rtol,
+    prepare_operator,
+    run_core,
 )
 
 PROBES = ("rademacher", "gaussian")
@@ -49,13 +49,17 @@ def stochastic_lanczos_quadrature(
     *,
     num_iterations: int,
     num_probes: int,
-    key: PRNGKeyArray,
+    key: PRNGKeyArray | None = None,
     probe: str = "rademacher",
+    float64_state: bool = False,
 ) -> SpectralQuadrature:
     """Quadrature nodes and weights of ``H``'s spectral measure from random probes.
 
-    One single-vector Lanczos run (full reorthogonalisation, :func:`gdlr_jax.lanczos`) per probe,
-    vmapped over the probes. Cost: ``num_probes * num_iterations`` Hessian-vector products.
+    ``num_probes`` single-vector Lanczos runs (full reorthogonalisation, as
+    :func:`gdlr_jax.lanczos`) advanced together in one loop, each iteration one product per
+    probe (the probes' products batched by ``jax.vmap``, so a loss's primal pass is shared).
+    Cost: ``num_probes * num_iterations`` Hessian-vector products. Compiled once per
+    (function, shapes, options).
 
     Args:
         operator, params: a dense matrix, a loss with its params, or a matvec with a flat
@@ -64,16 +68,19 @@ def stochastic_lanczos_quadrature(
             the outliers and the bulk of a network's Hessian.
         num_probes: number of probes (static); the variance of the density falls as
             ``1 / (num_probes d)``.
-        key: PRNG key of the probes.
+        key: PRNG key of the probes (``jax.random.split(key)[0]``) and of the breakdown
+            restarts; None means ``jax.random.key(0)`` (as in every curvature routine).
         probe: ``"rademacher"`` (entries +-1) or ``"gaussian"``.
+        float64_state: accumulate the Lanczos state in float64 (needs x64) instead of the
+            products' dtype (static).
 
     Returns:
-        A :class:`SpectralQuadrature`.
+        A :class:`SpectralQuadrature` in the state dtype.
 
     Raises:
         ValueError: on a malformed operator, counts or probe kind.
     """
-    op = as_symmetric_operator(operator, params)
+    op = prepare_operator(operator, params)
     m = check_num_iterations(num_iterations, 1, op.dim)
     if (
         isinstance(num_probes, bool)
@@ -83,18 +90,20 @@ def stochastic_lanczos_quadrature(
         raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}.")
-    probe_key, restart_key = jax.random.split(key)
-    shape = (num_probes, op.dim)
-    if probe == "rademacher":
-        probes = jax.random.rademacher(probe_key, shape, state_dtype())
-    else:
-        probes = jax.random.normal(probe_key, shape, state_dtype())
-
-    def one(v: Float[Array, " d"], k: PRNGKeyArray) -> tuple[Array, Array]:
-        result = lanczos(op, num_iterations=m, v0=v, key=k)
-        return result.ritz_values, result.projected_eigenvectors[0] ** 2
-
-    nodes, weights = jax.vmap(one)(probes, jax.random.split(restart_key, num_probes))
+    spec = CoreSpec.of(
+        op,
+        float64_state,
+        num_iterations=m,
+        block_size=1,
+        lanes=int(num_probes),
+        start="rademacher" if probe == "rademacher" else "normal",
+        wanted=(0, 0),
+        stop=False,
+        output="quadrature",
+        return_vectors=False,
+        flat_vectors=True,
+    )
+    nodes, weights = run_core(spec, op.operand, None, key, default_rtol(op.dtype))
     return SpectralQuadrature(nodes, weights)
 
 

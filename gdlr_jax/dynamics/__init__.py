@@ -5,11 +5,15 @@ stability of its fixed points, weakly stable minima ``M_WS(eta)`` and ``eta_E``.
   (Thm. 15, 20);
 * ``_stability``: stability of fixed points, ``weak_stability_threshold`` and ``weakly_stable``
   (Def. 16, Thm. 17);
-* ``_critical_step_size``: ``eta_E = 2 / min_M lambda_max`` of linear networks (Thm. 18, 21).
+* ``_critical_step_size``: ``eta_E = 2 / min_M lambda_max`` of linear networks (Thm. 18, 21);
+* ``_boundary_dimension``: the box-counting dimension of the boundary between the classes of
+  a 2-D grid of statuses (fractal trainability boundaries; beyond the paper).
 
 Imports only layers 1-2.
 """
 
+from gdlr_jax.dynamics._boundary_dimension import BoundaryDimension as BoundaryDimension
+from gdlr_jax.dynamics._boundary_dimension import boundary_dimension as boundary_dimension
 from gdlr_jax.dynamics._critical_step_size import CriticalStepSize as CriticalStepSize
 from gdlr_jax.dynamics._critical_step_size import critical_step_size as critical_step_size
 from gdlr_jax.dynamics._gd_map import gd_map as gd_map

@@ -18,7 +18,9 @@ The paper's Def. 16 is written with the smallest non-zero eigenvalue instead,
 
 a weaker condition (a larger set): it only says that *some* transversal direction is
 contracting. Thm. 17 (a minimum outside M_WS is unstable) holds for both, and is sharp only
-for ``lambda_max``. See ``docs/theory.md``.
+for ``lambda_max``. The paper writes ``<=`` where we write ``<`` (they differ only on the
+boundary ``eta = 2 / lambda``); ``weakly_stable(..., inclusive=True)`` is its version. See
+``docs/theory.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from gdlr_jax.curvature._hessian import LossFn, PyTree, hessian_spectrum, zero_tolerance
@@ -84,7 +88,8 @@ def weak_stability_threshold(
 
     ``lambda = lambda_max(H(theta))`` by default, or the smallest non-zero eigenvalue with
     ``criterion="lambda_min_nonzero"`` (zero decided by ``rtol`` as in
-    :func:`gdlr_jax.spectrum_counts`). ``theta in M_WS(eta)`` iff ``eta < threshold``.
+    :func:`gdlr_jax.spectrum_counts`). ``theta in M_WS(eta)`` iff ``eta < threshold``
+    (``eta <= threshold`` with :func:`weakly_stable`'s ``inclusive=True``, the paper's letter).
     Returns ``inf`` when the Hessian has no positive (non-zero) eigenvalue.
     """
     _check_criterion(criterion)
@@ -104,8 +109,15 @@ def weakly_stable(
     *,
     criterion: Criterion = "lambda_max",
     rtol: float | None = None,
+    inclusive: bool = False,
 ) -> Bool[Array, ""]:
     """Whether the minimum ``theta`` lies in ``M_WS(eta)`` (Def. 16): ``eta < 2 / lambda``.
+
+    ``inclusive=True`` is the paper's Def. 16 to the letter, ``eta <= 2 / lambda``. The two
+    differ only on the boundary ``eta = 2 / lambda``, where ``DG`` has the eigenvalue ``-1``:
+    Remark 2 decides nothing there (``classify_fixed_point`` says ``UNDECIDED``), and the
+    default strict ``<`` keeps ``M_WS(eta)`` to minima whose transversal eigenvalues are all
+    strictly inside the unit disc.
 
     Args:
         loss_fn: ``params -> scalar``.
@@ -115,8 +127,22 @@ def weakly_stable(
             ``(-1, 1)``, the condition of Thm. 17) or ``"lambda_min_nonzero"`` (the paper's
             literal Def. 16).
         rtol: zero tolerance for ``"lambda_min_nonzero"``.
+        inclusive: ``eta <= 2 / lambda`` (the paper's Def. 16) instead of ``<`` (default).
 
     Returns:
         A boolean scalar (jit/vmap-able over params and eta).
+
+    Raises:
+        ValueError: when a concrete ``eta`` is not a positive number (a step size ``<= 0``
+            or NaN would otherwise count as weakly stable); a traced ``eta`` is not checked;
+            when ``inclusive`` is not a bool.
     """
-    return eta < weak_stability_threshold(loss_fn, params, criterion=criterion, rtol=rtol)
+    if not isinstance(inclusive, bool):
+        raise ValueError(f"inclusive must be a bool, got {inclusive!r}.")
+    if not isinstance(eta, jax.core.Tracer):
+        values = np.asarray(eta)
+        real = np.issubdtype(values.dtype, np.number) and not np.iscomplexobj(values)
+        if not real or not np.all(values > 0):
+            raise ValueError(f"eta must be a positive step size, got {eta!r}.")
+    threshold = weak_stability_threshold(loss_fn, params, criterion=criterion, rtol=rtol)
+    return eta <= threshold if inclusive else eta < threshold

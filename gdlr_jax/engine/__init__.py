@@ -10,12 +10,20 @@
   classification of an evaluation and of the final window;
 * ``_minibatches``: minibatch schedules for SGD;
 * ``_results``: :class:`SweepResult` and :class:`SweepChunk`;
+* ``_critical_step_estimate``: :func:`estimate_critical_step_size`, the step size where
+  convergence collapses, bracketed and bisected with batched sweeps;
 * ``_checkpoint``: finished chunks saved atomically and resumed (fingerprints).
 
 Imports only layers 1-3.
 """
 
 from gdlr_jax.engine._checkpoint import CheckpointMismatchError as CheckpointMismatchError
+from gdlr_jax.engine._critical_step_estimate import (
+    CriticalStepEstimate as CriticalStepEstimate,
+)
+from gdlr_jax.engine._critical_step_estimate import (
+    estimate_critical_step_size as estimate_critical_step_size,
+)
 from gdlr_jax.engine._memory import ChunkMemoryError as ChunkMemoryError
 from gdlr_jax.engine._memory import HostMemoryError as HostMemoryError
 from gdlr_jax.engine._minibatches import Minibatches as Minibatches

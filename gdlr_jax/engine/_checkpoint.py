@@ -10,7 +10,9 @@ A checkpoint folder of one sweep holds
 Every file is written atomically (:func:`write_atomically`: a temporary file in the same
 folder, flushed and fsynced, then renamed over the target), so a crash or a kill at any moment
 leaves either the complete file or none. A chunk file that cannot be read back or does not
-match the plan (bounds, fields, lengths) is reported with a warning and recomputed, never used.
+match the plan (bounds, fields, dtypes, shapes, status codes, step counts) is reported with a
+warning and recomputed, never used. A folder that cannot hold chunks (``checkpoints`` a file,
+a chunk path a folder, a ``sweep.json`` of another schema) is refused in one line.
 """
 
 from __future__ import annotations
@@ -29,23 +31,32 @@ from collections.abc import Callable
 from typing import IO, Any
 
 import jax
+import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
-from gdlr_jax import __version__
+from gdlr_jax._version import __version__
 from gdlr_jax.engine._plan import SweepPlan
 from gdlr_jax.engine._results import SweepChunk
+from gdlr_jax.engine._sharding import run_sharded
+from gdlr_jax.engine._trajectory_status import TrajectoryStatus
 from gdlr_jax.problems._pytree import PyTree
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FORMAT = 1  # version of the layout of sweep.json and of the chunk files
 _LAYOUT = "__layout__"  # the npz entry describing the fields of a chunk file
+#: engine options and chunk fields added after checkpoints were first written: an option at
+#: its default is left out of the fingerprint and a field missing from a file is None, so
+#: those checkpoints still resume
+_ADDED_FIELDS = frozenset({"stop_at_convergence", "converged_at"})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # memory addresses in reprs differ run to run
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint folder holds chunks of a different sweep; the message says what differs."""
+    """A checkpoint folder holds chunks of a different sweep, or cannot be used (not a folder,
+    a damaged ``sweep.json``, a chunk path that is a folder); the message says what is wrong."""
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> pathlib.Path:
@@ -147,8 +158,9 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     (its jaxpr and constants, :func:`_loss_digest`), every static setting of the engine
     (steps, criteria, optimiser, recordings, ...), the platform, the versions of gdlr_jax and
     jax, and a digest of the engine's source (an edited working tree is another code
-    version). The device count is left out: results do not depend on it
-    (``docs/engine.md``).
+    version), and the number and kind of the devices: statuses do not depend on them, but
+    values of matmul losses differ in the last bits between chunk sizes and device counts
+    (``docs/engine.md``), so chunks of different layouts are never mixed.
     """
     config = plan._config
     keys = None if plan._keys is None else jax.random.key_data(plan._keys)
@@ -156,7 +168,10 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
         "gdlr_jax": __version__,
         "engine_source": _engine_source_digest(),
         "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
         "platform": plan._mesh.devices.flat[0].platform,
+        "devices": int(plan._mesh.size),
+        "device_kind": plan._mesh.devices.flat[0].device_kind,
         "grid_shape": list(plan.grid_shape),
         "chunk_size": plan.chunk_size,
         "etas": _digest(plan._etas),
@@ -167,6 +182,8 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
         "loss_jaxpr": _loss_digest(plan),
     }
     for field in dataclasses.fields(config):
+        if field.name in _ADDED_FIELDS and getattr(config, field.name) == field.default:
+            continue  # at its default, a field added later fingerprints like its absence
         if field.name != "loss_fn":
             fingerprint[f"engine.{field.name}"] = _describe(getattr(config, field.name))
     return fingerprint
@@ -199,12 +216,21 @@ class ChunkStore:
         self.folder = pathlib.Path(folder)
         self._plan = plan
         self._params_treedef = jax.tree_util.tree_structure(plan._params0)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._spec: dict[str, Any] | None = None
+        advice = f"pass another checkpoint folder, or delete {self.folder} to start over"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointMismatchError(
+                f"checkpoint folder {self.folder} cannot be made: {err.strerror or err}"
+                + (f" ({err.filename})" if err.filename else "")
+                + f"; {advice}"
+            ) from None
         for stale in self.folder.glob(".chunk-*.tmp"):
-            stale.unlink(missing_ok=True)
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
         fingerprint = sweep_fingerprint(plan)
         meta = self.folder / "sweep.json"
-        advice = f"pass another checkpoint folder, or delete {self.folder} to start over"
         if not meta.exists():
             if any(self.folder.glob("chunk-*.npz")):
                 raise CheckpointMismatchError(
@@ -215,10 +241,14 @@ class ChunkStore:
             write_atomically(meta, lambda handle: handle.write(text.encode()))
             return
         try:
-            saved = json.loads(meta.read_text())
+            saved = json.loads(meta.read_bytes().decode("utf-8"))
+            if not isinstance(saved, dict) or "format" not in saved:
+                raise ValueError("not a mapping with a format")
             if saved["format"] != _FORMAT:
                 raise ValueError(f"format {saved['format']!r}, expected {_FORMAT}")
-            saved = saved["fingerprint"]
+            saved = saved.get("fingerprint")
+            if not isinstance(saved, dict):
+                raise ValueError("its fingerprint is not a mapping")  # noqa: TRY004 - caught
         except (*_UNREADABLE, TypeError) as err:
             raise CheckpointMismatchError(f"cannot read {meta} ({err}); {advice}") from None
         names = dict.fromkeys([*saved, *fingerprint])  # every entry, in order
@@ -259,8 +289,13 @@ class ChunkStore:
         (unreadable, truncated, a field missing, other bounds or lengths than the plan's):
         then a warning names the file and the chunk is to be recomputed."""
         path = self.path(index)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
+        if path.is_dir():
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is a folder, not a chunk file, so chunk {index} cannot be "
+                f"saved; remove it, or pass another checkpoint folder"
+            )
         try:
             return self._read(path, self._plan.chunk_bounds(index))
         except (*_UNREADABLE, TypeError) as err:
@@ -279,6 +314,39 @@ class ChunkStore:
             self.save(index, chunk)
         return chunk
 
+    def _expected(self) -> dict[str, Any]:
+        """The chunk fields the plan makes: for each, ``None`` or the ``(dtype, trailing
+        shape)`` of each leaf (``jax.eval_shape`` of the kernel, computed once)."""
+        if self._spec is None:
+            plan = self._plan
+            out = jax.eval_shape(
+                run_sharded,
+                plan._params0,
+                plan._device_etas,
+                plan._keys,
+                plan._data,
+                jnp.int32(0),
+                config=plan._config,
+                mesh=plan._mesh,
+                lanes_per_device=plan.chunk_size // plan._mesh.size,
+            )
+            self._spec = {
+                name: None
+                if value is None
+                else [(np.dtype(x.dtype), x.shape[1:]) for x in jax.tree_util.tree_leaves(value)]
+                for name, value in out._asdict().items()
+            }
+        return self._spec
+
+    def _check_values(self, fields: dict[str, Any]) -> None:
+        """Status codes and step counts in their ranges."""
+        codes = np.array([int(s) for s in TrajectoryStatus])
+        if not np.isin(fields["status"], codes).all():
+            raise ValueError(f"field status holds codes outside {codes.tolist()}")
+        steps, steps_max = fields["steps_taken"], self._plan._config.steps
+        if steps.size and not (0 <= steps.min() and steps.max() <= steps_max):
+            raise ValueError(f"field steps_taken holds counts outside 0..{steps_max}")
+
     def _read(self, path: pathlib.Path, bounds: tuple[int, int]) -> SweepChunk:
         leaf = jax.tree_util.tree_structure(0)
         structures = {str(leaf): leaf, str(self._params_treedef): self._params_treedef}
@@ -293,6 +361,8 @@ class ChunkStore:
                     f"chunk {bounds[0]}..{bounds[1]}"
                 )
             names = SweepChunk._fields[2:]
+            for name in _ADDED_FIELDS & set(names):  # files written before it existed: None
+                layout["fields"].setdefault(name, None)
             missing = [name for name in names if name not in layout["fields"]]
             unknown = [name for name in layout["fields"] if name not in names]
             if missing or unknown:
@@ -310,4 +380,14 @@ class ChunkStore:
                 if any(x.shape[:1] != (bounds[1] - bounds[0],) for x in leaves):
                     raise ValueError(f"field {name} does not have {bounds[1] - bounds[0]} rows")
                 fields[name] = jax.tree_util.tree_unflatten(treedef, leaves)
+        for name, want in self._expected().items():
+            value = fields.get(name)
+            if (value is None) != (want is None):
+                raise ValueError(f"field {name} is {'missing' if value is None else 'not planned'}")
+            got = [(x.dtype, x.shape[1:]) for x in jax.tree_util.tree_leaves(value)]
+            if value is not None and got != want:
+                shown = ", ".join(f"{d} {s}" for d, s in got)
+                planned = ", ".join(f"{d} {s}" for d, s in want)
+                raise ValueError(f"field {name} holds {shown}, the plan makes {planned}")
+        self._check_values(fields)
         return SweepChunk(*bounds, **fields)

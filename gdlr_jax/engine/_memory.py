@@ -5,16 +5,16 @@ in ``docs/engine.md``)."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 
 from gdlr_jax.curvature._lanczos import state_dtype
-from gdlr_jax.engine._kernel import EngineConfig, transform
 from gdlr_jax.engine._minibatches import Minibatches
+from gdlr_jax.engine._problem import EngineConfig, transform
 from gdlr_jax.problems._pytree import PyTree
 
 
@@ -112,18 +112,12 @@ class HostMemoryError(ValueError):
 
 
 def host_available_bytes() -> int | None:
-    """The host memory available to new allocations: ``MemAvailable`` of ``/proc/meminfo``,
-    else the free pages; ``None`` when unknown."""
+    """The host memory available to new allocations without swapping:
+    ``psutil.virtual_memory().available`` (Linux ``MemAvailable``; macOS and Windows their
+    own estimate); ``None`` when the platform does not report it."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) << 10  # the value is in kB
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, NotImplementedError):
         return None
 
 
@@ -134,6 +128,22 @@ def allocatable_bytes(device: jax.Device) -> int | None:
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return host_available_bytes() if device.platform == "cpu" else None
+
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes per CPU device, and the least on an accelerator
+ACCELERATOR_MEMORY_SHARE = 4  # an accelerator's default budget: 1/4 of what it can allocate
+
+
+def default_memory_budget(devices: Sequence[jax.Device]) -> int:
+    """The default ``memory_budget_bytes``: 1 GiB per device on CPU (cache-sized chunks are
+    capped lower anyway); on GPU and TPU a quarter of the least any of ``devices`` can
+    allocate (the activations of ``loss_fn`` are not in the estimate), at least 1 GiB."""
+    if all(d.platform == "cpu" for d in devices):
+        return DEFAULT_MEMORY_BUDGET
+    limits = [b for b in map(allocatable_bytes, devices) if b is not None]
+    if not limits:
+        return DEFAULT_MEMORY_BUDGET
+    return max(DEFAULT_MEMORY_BUDGET, min(limits) // ACCELERATOR_MEMORY_SHARE)
 
 
 def readable_size(num_bytes: float) -> str:

@@ -14,19 +14,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from gdlr_jax.engine._kernel import (
-    CPU_LANES_PER_DEVICE,
-    LANES,
-    SHARPNESS_ITERATIONS,
-    EngineConfig,
-    LossFn,
-    OptimizerFactory,
-    run_sharded,
-)
 from gdlr_jax.engine._memory import (
     bytes_per_trajectory,
     check_chunk_memory,
     check_host_memory,
+    default_memory_budget,
     result_bytes_per_trajectory,
     tree_bytes,
 )
@@ -34,9 +26,19 @@ from gdlr_jax.engine._minibatches import (
     Minibatches,
     as_minibatches,
 )
+from gdlr_jax.engine._problem import (
+    SHARPNESS_ITERATIONS,
+    STEP_BLOCK,
+    EngineConfig,
+    LossFn,
+    OptimizerFactory,
+)
 from gdlr_jax.engine._results import SweepChunk, SweepResult
+from gdlr_jax.engine._sharding import LANES, run_sharded
 from gdlr_jax.engine._trajectory_status import ConvergenceCriteria
 from gdlr_jax.engine._validation import (
+    check_cast_criteria,
+    check_grid_size,
     check_dtype,
     check_etas,
     check_key,
@@ -46,6 +48,10 @@ from gdlr_jax.engine._validation import (
     check_positive_int,
 )
 from gdlr_jax.problems._pytree import PyTree
+
+# On CPU, chunks of at most this many trajectories per device: their state stays in cache,
+# which ran ~1.5x faster than 4x larger chunks in benchmarks/bench_sweep.py (docs/engine.md).
+CPU_LANES_PER_DEVICE = 16384
 
 
 class SweepPlan:
@@ -76,7 +82,7 @@ class SweepPlan:
         self,
         config: EngineConfig,
         params0: PyTree,
-        etas: np.ndarray,
+        etas: np.ndarray | PyTree,
         n_init: int,
         key: PRNGKeyArray | None,
         source: Minibatches | None,
@@ -107,7 +113,7 @@ class SweepPlan:
         self.chunk_bytes = int(chunk_bytes)
         self.result_bytes = int(result_bytes)
         self.peak_host_bytes = int(peak_host_bytes)
-        self.grid_shape = (int(etas.shape[0]), int(n_init))
+        self.grid_shape = (int(jax.tree_util.tree_leaves(etas)[0].shape[0]), int(n_init))
         self.num_trajectories = self.grid_shape[0] * self.grid_shape[1]
         self.chunk_size = int(chunk_size)
         self.num_chunks = -(-self.num_trajectories // self.chunk_size)
@@ -196,7 +202,7 @@ class SweepPlan:
 def plan_sweep(
     loss_fn: LossFn,
     params0: PyTree,
-    etas: Float[Array, " n_eta"],
+    etas: Float[Array, " n_eta"] | PyTree,
     *,
     steps: int,
     batch_source: Minibatches | tuple[PyTree, int] | None = None,
@@ -211,9 +217,11 @@ def plan_sweep(
     sharpness_iterations: int | None = None,
     dtype: Any = jnp.float32,
     chunk_size: int | None = None,
-    memory_budget_bytes: int = 1 << 30,
+    memory_budget_bytes: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     same_batches: bool = True,
+    step_block: int | None = None,
+    stop_at_convergence: bool = True,
 ) -> SweepPlan:
     """Validates the arguments of :func:`sweep` and cuts its grid into chunks.
 
@@ -230,20 +238,28 @@ def plan_sweep(
         plan.peak_host_bytes, plan.num_chunks
     """
     dt = check_dtype(dtype)
-    etas_host = check_etas(etas, dt)
     params_host, n_init = check_params(params0, dt)
+    per_leaf_etas = is_per_leaf(etas)
+    if per_leaf_etas:
+        etas_host = check_per_leaf_etas(etas, params_host, dt, optimizer)
+    else:
+        etas_host = check_etas(etas, dt)
+    check_positive_int("step_block", step_block, allow_none=True)
+    if not isinstance(stop_at_convergence, (bool, np.bool_)):
+        raise ValueError(f"stop_at_convergence must be a bool, got {stop_at_convergence!r}.")
     check_positive_int("steps", steps)
     check_positive_int("check_every", check_every)
     check_positive_int("record_every", record_every, allow_none=True)
     check_positive_int("sharpness_every", sharpness_every, allow_none=True)
     check_positive_int("sharpness_iterations", sharpness_iterations, allow_none=True)
     check_positive_int("chunk_size", chunk_size, allow_none=True)
-    check_positive_int("memory_budget_bytes", memory_budget_bytes)
+    check_positive_int("memory_budget_bytes", memory_budget_bytes, allow_none=True)
     if not isinstance(criteria, ConvergenceCriteria):
         raise ValueError(
             f"criteria must be a ConvergenceCriteria, got {type(criteria).__name__}."
         )
     criteria.validate()
+    check_cast_criteria(criteria, min_loss_value, dt)
     if min_loss_value is not None and not (
         isinstance(min_loss_value, (int, float, np.floating)) and math.isfinite(min_loss_value)
     ):
@@ -283,19 +299,28 @@ def plan_sweep(
         same_batches=bool(same_batches),
         sharpness_every=None if sharpness_every is None else int(sharpness_every),
         sharpness_iterations=0 if sharpness_every is None else int(sharpness_iterations),
+        step_block=(
+            STEP_BLOCK.get(devices[0].platform, 1) if step_block is None else int(step_block)
+        ),
+        per_leaf_etas=per_leaf_etas,
+        stop_at_convergence=bool(stop_at_convergence),
     )
     n_dev = len(devices)
-    total = etas_host.shape[0] * n_init
+    total = jax.tree_util.tree_leaves(etas_host)[0].shape[0] * n_init
     requested = chunk_size
     per_trajectory = bytes_per_trajectory(config, params_host, source)
+    budget = memory_budget_bytes or default_memory_budget(devices)
     if chunk_size is None:
-        per_device = max(1, memory_budget_bytes // per_trajectory)
+        per_device = max(1, budget // per_trajectory)
         if all(d.platform == "cpu" for d in devices):
             per_device = min(per_device, CPU_LANES_PER_DEVICE)
         chunk_size = per_device * n_dev
     chunk_size = min(int(chunk_size), total)
     chunk_size = -(-chunk_size // n_dev) * n_dev  # a multiple of the device count
-    check_chunk_memory(per_trajectory, chunk_size, devices, requested, memory_budget_bytes)
+    # at least 2 per device: XLA's dot for a single trajectory rounds differently from the
+    # batched one (docs/engine.md, Precision and reproducibility)
+    chunk_size = max(chunk_size, 2 * n_dev)
+    check_chunk_memory(per_trajectory, chunk_size, devices, requested, budget)
     result_per_trajectory = result_bytes_per_trajectory(config, params_host)
     chunk_bytes = chunk_size * per_trajectory
     inputs = tree_bytes(params_host) + (0 if source is None else tree_bytes(source.data))
@@ -303,6 +328,7 @@ def plan_sweep(
     if all(d.platform == "cpu" for d in devices):  # device buffers are host memory
         peak += n_dev * inputs + chunk_bytes
     check_host_memory(peak, result_per_trajectory, total)
+    check_grid_size(total // n_init, n_init)  # after the memory checks, which name keys
     mesh = Mesh(np.array(devices), (LANES,))
     return SweepPlan(
         config,
@@ -317,3 +343,43 @@ def plan_sweep(
         result_bytes=total * result_per_trajectory,
         peak_host_bytes=peak,
     )
+
+
+def is_per_leaf(etas: Any) -> bool:
+    """Whether ``etas`` gives one step size per parameter leaf: a pytree (not one array)
+    whose leaves are all 1-D arrays ``(n_eta,)``. A list of numbers is one array of step
+    sizes."""
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(etas)):
+        return False
+    return all(np.ndim(leaf) == 1 for leaf in jax.tree_util.tree_leaves(etas))
+
+
+def check_per_leaf_etas(
+    etas: PyTree, params: PyTree, dtype: Any, optimizer: OptimizerFactory | None
+) -> PyTree:
+    """``etas`` per leaf, checked and cast to ``dtype`` on the host: the structure of one
+    trajectory's params, every leaf ``(n_eta,)`` of one common length, positive and finite,
+    and plain GD (the step ``theta_l - eta_l grad_l L`` has no optax counterpart)."""
+    if optimizer is not None:
+        raise ValueError(
+            f"etas per parameter leaf need plain GD (optimizer=None), got optimizer={optimizer!r}."
+        )
+    expected = jax.tree_util.tree_structure(params)
+    got = jax.tree_util.tree_structure(etas)
+    if got != expected:
+        raise ValueError(
+            f"etas per leaf must have the structure of the params {expected}, got {got}."
+        )
+    checked = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(etas):
+        try:
+            checked.append(check_etas(leaf, dtype))
+        except ValueError as error:
+            raise ValueError(f"etas{jax.tree_util.keystr(path)}: {error}") from None
+    lengths = {x.shape[0] for x in checked}
+    if len(lengths) != 1:
+        raise ValueError(
+            "etas per leaf must all have the same length n_eta, got lengths "
+            f"{[x.shape[0] for x in checked]}."
+        )
+    return jax.tree_util.tree_unflatten(got, checked)

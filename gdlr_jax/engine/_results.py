@@ -46,6 +46,12 @@ class SweepResult(NamedTuple):
             ``final_sharpness``. Compare with ``2 / eta`` (the edge of stability).
         final_sharpness: ``lambda_max`` at the final iterate ``(n_eta, n_init)``, or ``None``
             (only with ``sharpness_every``).
+        converged_at: only with ``stop_at_convergence=False``, else ``None``: the evaluation
+            time at which each trajectory was first found converged (its ``status`` says to
+            what), ``-1`` if never ``(n_eta, n_init)``. Such a trajectory is then stepped and
+            recorded on to ``steps`` (or until it leaves the bound, where it stops at its last
+            iterate inside): its ``steps_taken``, ``final_*``, ``asymptotic_step_norm`` and
+            recordings describe where it went after converging.
     """
 
     etas: Float[np.ndarray, " n_eta"]
@@ -64,6 +70,7 @@ class SweepResult(NamedTuple):
     sharpness_steps: Int[np.ndarray, " n_sharp"] | None = None
     recorded_sharpness: Float[np.ndarray, "n_eta n_init n_sharp"] | None = None
     final_sharpness: Float[np.ndarray, "n_eta n_init"] | None = None
+    converged_at: Int[np.ndarray, "n_eta n_init"] | None = None
 
     def fraction(self, status: TrajectoryStatus | int) -> Float[np.ndarray, " n_eta"]:
         """Fraction of the initialisations with the given status, per step size."""
@@ -100,3 +107,4 @@ class SweepChunk(NamedTuple):
     recorded_params: PyTree | None = None
     recorded_sharpness: np.ndarray | None = None
     final_sharpness: np.ndarray | None = None
+    converged_at: np.ndarray | None = None

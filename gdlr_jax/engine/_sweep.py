@@ -40,9 +40,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from gdlr_jax.engine._checkpoint import ChunkStore
-from gdlr_jax.engine._kernel import LossFn, OptimizerFactory
+from gdlr_jax.engine._distributed import run_distributed
 from gdlr_jax.engine._minibatches import Minibatches
 from gdlr_jax.engine._plan import plan_sweep
+from gdlr_jax.engine._problem import LossFn, OptimizerFactory
 from gdlr_jax.engine._results import SweepChunk, SweepResult
 from gdlr_jax.engine._trajectory_status import ConvergenceCriteria
 from gdlr_jax.problems._pytree import PyTree
@@ -51,7 +52,7 @@ from gdlr_jax.problems._pytree import PyTree
 def sweep(
     loss_fn: LossFn,
     params0: PyTree,
-    etas: Float[Array, " n_eta"],
+    etas: Float[Array, " n_eta"] | PyTree,
     *,
     steps: int,
     batch_source: Minibatches | tuple[PyTree, int] | None = None,
@@ -66,12 +67,14 @@ def sweep(
     sharpness_iterations: int | None = None,
     dtype: Any = jnp.float32,
     chunk_size: int | None = None,
-    memory_budget_bytes: int = 1 << 30,
+    memory_budget_bytes: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     same_batches: bool = True,
     progress: bool = False,
     on_chunk: Callable[[int, SweepChunk], None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    step_block: int | None = None,
+    stop_at_convergence: bool = True,
 ) -> SweepResult:
     """Runs GD (or SGD, or an optax optimiser) from every initialisation at every step size.
 
@@ -89,7 +92,10 @@ def sweep(
             the same function object again to reuse the compilation.
         params0: pytree of initialisations, every leaf ``(n_init, ...)``.
         etas: step sizes ``(n_eta,)``, positive and finite; traced (new values of the same
-            shape do not recompile).
+            shape do not recompile). Or, for plain GD, one step size per parameter leaf: a
+            pytree with the structure of one initialisation whose leaves are ``(n_eta,)``;
+            trajectory ``(i, j)`` then steps ``theta_l <- theta_l - etas_l[i] grad_l L(theta)``
+            for every leaf ``l`` (e.g. a grid over the step sizes of two layers).
         steps: maximum number of steps, ``>= 1``.
         batch_source: ``(data, batch_size)`` or :class:`~gdlr_jax.Minibatches` for minibatch
             SGD: data leaves ``(n, ...)``; batches are consecutive blocks of a per-epoch shuffle
@@ -120,7 +126,8 @@ def sweep(
             default as many per device as fit ``memory_budget_bytes``, and at most 16384 per
             device on CPU (cache-sized chunks run faster).
         memory_budget_bytes: memory of one device allowed for its share of a chunk (the
-            estimate is in ``docs/engine.md``); default 1 GiB.
+            estimate is in ``docs/engine.md``); ``None``: 1 GiB per CPU device, and on GPU and
+            TPU a quarter of what the device can allocate (at least 1 GiB).
         devices: devices to shard trajectories over (default ``jax.local_devices()``).
         same_batches: every trajectory sees the same minibatch sequence (default); ``False``:
             initialisation ``j`` uses the key ``fold_in(key, j)`` (shared by all step sizes).
@@ -131,6 +138,19 @@ def sweep(
             completes; a chunk already saved there is loaded instead of run, so a sweep
             interrupted at any moment resumes where it stopped, with identical results
             (``gdlr_jax.engine._checkpoint``, ``docs/engine.md``). ``None``: nothing is saved.
+            Required under ``jax.distributed`` (``jax.process_count() > 1``): there every
+            process runs its share of the chunks on its local devices and saves them in this
+            folder, which every process must see; each then returns the whole result,
+            bit-identical to a one-process sweep (``gdlr_jax.engine._distributed``,
+            ``docs/distributed.md``).
+        step_block: steps per unrolled block of the step loop (the same results for every
+            value; only the speed differs). ``None``: the measured default of the devices'
+            backend (``docs/engine.md``).
+        stop_at_convergence: ``True`` (default): a trajectory found converged is frozen there
+            (its recordings then hold its final values). ``False``: it keeps its status, its
+            first convergence time goes to ``SweepResult.converged_at``, and it is stepped and
+            recorded on to ``steps`` (Figures 5-6: the asymptotic ``eta ||grad L||``), unless it
+            leaves the bound, where it stops at its last iterate inside.
 
     Returns:
         A :class:`SweepResult` with arrays ``(n_eta, n_init)``.
@@ -170,12 +190,21 @@ def sweep(
         memory_budget_bytes=memory_budget_bytes,
         devices=devices,
         same_batches=same_batches,
+        step_block=step_block,
+        stop_at_convergence=stop_at_convergence,
     )
     if plan.abstract:
         raise ValueError(
             "params0 has jax.ShapeDtypeStruct leaves: sweep needs arrays (plan_sweep sizes a "
             "sweep from shapes)."
         )
+    if jax.process_count() > 1:  # a jax.distributed job: each process runs its share
+        if checkpoint_dir is None:
+            raise ValueError(
+                f"sweep under jax.distributed ({jax.process_count()} processes) needs "
+                "checkpoint_dir: a folder shared by every process, where each saves its chunks."
+            )
+        return run_distributed(plan, checkpoint_dir, progress=progress, on_chunk=on_chunk)
     indices: Iterable[int] = range(plan.num_chunks)
     if progress:
         from tqdm.auto import tqdm

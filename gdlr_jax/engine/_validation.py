@@ -4,6 +4,7 @@ Each raises ``ValueError`` naming the argument, its value or shape, and what was
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -14,10 +15,42 @@ from jaxtyping import PRNGKeyArray
 
 from gdlr_jax.engine._memory import one_trajectory
 from gdlr_jax.engine._minibatches import Minibatches
-from gdlr_jax.problems._pytree import PyTree, check_finite
+from gdlr_jax.problems._pytree import PyTree, check_finite, check_loss_dtype
+
+
+#: the largest value of a step counter (``steps``, ``check_every``, ``record_every``,
+#: ``sharpness_every``, ...): the kernels count steps in int32 and add two counters (the
+#: next evaluation time ``t + check_every``), so each is at most 2^30 and a sum stays below
+#: 2^31.
+MAX_COUNTER = 1 << 30
+_COUNTERS = frozenset(
+    {"steps", "check_every", "record_every", "sharpness_every", "sharpness_iterations",
+     "step_block"}
+)
+#: the most trajectories of one sweep: the kernels index them (``k = i * n_init + j``, plus
+#: up to a chunk past the end) in int32.
+MAX_TRAJECTORIES = MAX_COUNTER
+
+
+def check_grid_size(n_eta: int, n_init: int) -> None:
+    """``n_eta * n_init`` trajectories fit the kernels' int32 trajectory index."""
+    if n_eta * n_init > MAX_TRAJECTORIES:
+        raise ValueError(
+            f"the grid has {n_eta} x {n_init} = {n_eta * n_init} trajectories, more than the "
+            f"2^30 = {MAX_TRAJECTORIES} the engine indexes (int32): sweep fewer step sizes or "
+            "initialisations per call."
+        )
+
+
+def _cast(values: np.ndarray, dtype: Any) -> np.ndarray:
+    with np.errstate(over="ignore", under="ignore"):  # checked by the caller
+        return values.astype(dtype)
 
 
 def check_etas(etas: Any, dtype: Any) -> np.ndarray:
+    """``etas`` cast to ``dtype``; every step size positive and finite *after* the cast, and
+    a normal number (in float32, ``1e-50`` is 0, ``1e-40`` subnormal, flushed to zero by XLA
+    on CPU, and ``1e300`` inf: all refused)."""
     values = np.asarray(etas)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(
@@ -25,14 +58,41 @@ def check_etas(etas: Any, dtype: Any) -> np.ndarray:
         )
     if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
         raise ValueError(f"etas must be real numbers, got dtype {values.dtype}.")
-    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    cast = _cast(values, dtype)
+    bad = np.flatnonzero(~(np.isfinite(cast) & (cast >= np.finfo(dtype).tiny)))
     if bad.size:
         i = int(bad[0])
+        after = ""
+        if np.isfinite(values[i]) and values[i] > 0:
+            after = (
+                f", which is {cast[i].item()!r} in {np.dtype(dtype)} (the sweep's dtype; "
+                f"its normal numbers span {np.finfo(dtype).tiny:.3g} to "
+                f"{np.finfo(dtype).max:.3g})"
+            )
         raise ValueError(
-            f"etas must be positive and finite, got etas[{i}] = {values[i].item()!r} "
+            f"etas must be positive and finite, got etas[{i}] = {values[i].item()!r}{after} "
             f"({bad.size} bad value(s))."
         )
-    return values.astype(dtype)
+    return cast
+
+
+def check_cast_criteria(criteria: Any, min_loss_value: Any, dtype: Any) -> None:
+    """The tolerances of ``criteria`` and ``min_loss_value`` as the kernels see them, cast
+    to ``dtype``: a nonzero value must stay a normal number (``grad_tol = 1e-50`` is 0 in
+    float32: convergence would need an exactly zero gradient), a finite value finite."""
+    values = {f"criteria.{name}": getattr(criteria, name) for name in
+              ("grad_tol", "step_tol", "loss_tol", "divergence_bound", "period_tol")}
+    values["min_loss_value"] = min_loss_value
+    for name, value in values.items():
+        if value is None or not math.isfinite(value):
+            continue
+        cast = _cast(np.asarray(value, np.float64), dtype)
+        if not np.isfinite(cast) or (value != 0 and abs(cast) < np.finfo(dtype).tiny):
+            raise ValueError(
+                f"{name} = {value!r} is {cast.item()!r} in {np.dtype(dtype)} (the sweep's "
+                f"dtype); give a value that {np.dtype(dtype)} represents (its range: "
+                f"{np.finfo(dtype).tiny:.3g} to {np.finfo(dtype).max:.3g} in magnitude)."
+            )
 
 
 def check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
@@ -63,6 +123,12 @@ def check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
     (n_init,) = sizes
     if n_init == 0:
         raise ValueError(f"params0: the grid is empty (n_init = 0), got leaf shapes {shapes}.")
+    empty = [shape for shape in shapes if math.prod(shape[1:]) == 0]
+    if empty:
+        raise ValueError(
+            f"params0: a leaf of shape {empty[0]} holds no parameters (a zero-size axis); "
+            f"every leaf needs at least one entry per initialisation, got leaf shapes {shapes}."
+        )
     for a in arrays:
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise ValueError(
@@ -78,19 +144,32 @@ def check_params(params0: PyTree, dtype: Any) -> tuple[PyTree, int]:
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """A positive integer; a step counter (:data:`MAX_COUNTER`) at most 2^30."""
     if value is None and allow_none:
         return
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if name in _COUNTERS and value > MAX_COUNTER:
+        raise ValueError(
+            f"{name} must be at most 2^30 = {MAX_COUNTER} (the engine counts steps in int32), "
+            f"got {value!r}."
+        )
 
 
 def check_dtype(dtype: Any) -> np.dtype:
+    """float32 or float64: half precision (float16, bfloat16) is refused, its 3-4 digits
+    are below the tolerances of the trajectory status and LAPACK has no such routines."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}.") from None
-    if not np.issubdtype(dt, np.floating):
+    if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dt}.")
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(
+            f"dtype must be a floating dtype, got {dt}: half precision is not supported (its "
+            "3-4 digits are below the convergence tolerances); use float32 or float64."
+        )
     if dt.itemsize > 4 and not jax.config.jax_enable_x64:
         raise ValueError(
             f"dtype {dt} needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))."
@@ -156,3 +235,4 @@ def check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> None
         raise ValueError(
             f"loss_fn must return a scalar for {what}, got {shape or type(out).__name__}."
         )
+    check_loss_dtype(out.dtype, f" for {what}")

@@ -4,8 +4,12 @@
   fingerprints, and the registry ``EXPERIMENTS`` (a config's ``experiment:`` key -> module);
 * :mod:`~gdlr_jax.experiments.runner`: finding configs, the output folder, :class:`RunOutput`
   (every file of a run is written through it), the summary table;
-* :mod:`~gdlr_jax.experiments.two_neuron`: the paper's worked example (Figures 1 and 2, basin
-  map); :mod:`~gdlr_jax.experiments.figures`: the figures (matplotlib, Agg);
+* ``_skeleton`` (the sections and run steps every experiment shares) and ``_shared_problems``
+  (the problems several experiments run);
+* the experiments: :mod:`~gdlr_jax.experiments.two_neuron` (the paper's worked example:
+  Figures 1 and 2, basin map), :mod:`~gdlr_jax.experiments.mnist` (Figures 3-6) and
+  :mod:`~gdlr_jax.experiments.fractal_boundary` (zooms into trainability boundaries);
+  :mod:`~gdlr_jax.experiments.figures`: the figures of each (matplotlib, Agg);
 * :mod:`~gdlr_jax.experiments.cli`: the ``gdlr`` command (``docs/cli.md``).
 
 Experiment modules are imported on first use (:func:`get_experiment`).

@@ -21,6 +21,7 @@ as YAML (``0.5``, ``[1, 2]``, ``true``) and type-checked like the file.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import importlib
 import json
@@ -30,17 +31,22 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import yaml
 
-from gdlr_jax import __version__
+from gdlr_jax._version import __version__
 
 #: experiment name (the config's ``experiment:`` key) -> module defining ``EXPERIMENT``.
 EXPERIMENTS: dict[str, str] = {
     "two_neuron": "gdlr_jax.experiments.two_neuron",
     "mnist": "gdlr_jax.experiments.mnist",
+    "fractal_boundary": "gdlr_jax.experiments.fractal_boundary",
 }
 
 _REQUIRED = object()
+#: the largest value of an integer key unless its schema says less: 2^30, so that the
+#: engine's int32 step counters hold any key and the sum of two (``docs/bad_inputs.md``).
+MAX_INT = 1 << 30
 
 
 class ConfigError(ValueError):
@@ -60,8 +66,10 @@ class ConfigError(ValueError):
 class Scalar:
     """A scalar key: ``int``, ``float``, ``str`` or ``bool``, with optional bounds or choices.
 
-    ``float`` keys accept integers and require a finite value; ``int`` keys refuse booleans.
-    Bounds: ``gt`` (exclusive) and ``ge``/``le`` (inclusive).
+    ``float`` keys accept integers and require a finite value; ``int`` keys refuse booleans
+    and are at most :data:`MAX_INT` unless ``le`` says less. Bounds: ``gt`` (exclusive) and
+    ``ge``/``le`` (inclusive). Once a config is validated, its floats are checked again in
+    the run's dtype (:func:`check_run_dtype`).
     """
 
     type: type
@@ -72,13 +80,20 @@ class Scalar:
     le: float | None = None
     choices: tuple | None = None
 
+    @property
+    def upper(self) -> float | None:
+        """The inclusive upper bound: ``le``, or :data:`MAX_INT` for an integer key."""
+        if self.type is int:
+            return MAX_INT if self.le is None else min(self.le, MAX_INT)
+        return self.le
+
     def describe(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         noun = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
         bounds = [
-            f"{op} {bound:g}"
-            for op, bound in ((">", self.gt), (">=", self.ge), ("<=", self.le))
+            f"{op} {bound}" if self.type is int else f"{op} {bound:g}"
+            for op, bound in ((">", self.gt), (">=", self.ge), ("<=", self.upper))
             if bound is not None
         ]
         return " ".join([noun[self.type], " and ".join(bounds)]).strip()
@@ -96,8 +111,8 @@ class Scalar:
             ok = value > self.gt
         if ok and self.ge is not None:
             ok = value >= self.ge
-        if ok and self.le is not None:
-            ok = value <= self.le
+        if ok and self.upper is not None:
+            ok = value <= self.upper
         if not ok:
             raise _bad_value(key, given, self.describe())
         return value
@@ -215,6 +230,57 @@ def _bad_value(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}", key)
 
 
+def check_run_dtype(schema: Section, params: Mapping[str, Any]) -> None:
+    """Checks every float of a validated config as the run holds it: cast to the config's
+    ``dtype`` (float64 without one), each must stay finite and a nonzero one a normal
+    number (``1e-50`` is 0 and ``1e300`` inf in float32), and the differences of a
+    :class:`Numbers` list (a region's extent) finite.
+
+    Raises:
+        ConfigError: naming the key, its value and the dtype.
+    """
+    dtype = np.dtype(params["dtype"] if isinstance(params.get("dtype"), str) else "float64")
+    info = np.finfo(dtype)
+
+    def check(value: float, key: str, shown: Any = None) -> None:
+        with np.errstate(over="ignore", under="ignore"):
+            cast = np.asarray(value, np.float64).astype(dtype)
+        if np.isfinite(cast) and (value == 0 or abs(cast) >= info.tiny):
+            return
+        where = "" if shown is None else f" holding {value!r}"
+        raise ConfigError(
+            f"config key '{key}' has value {value if shown is None else shown!r}{where}, which "
+            f"is {cast.item()!r} in {dtype} (the run's dtype); allowed: numbers {dtype} holds, "
+            f"{info.tiny:.3g} to {info.max:.3g} in magnitude (or 0)",
+            key,
+        )
+
+    def walk(node: Any, value: Any, key: str) -> None:
+        if isinstance(node, Section):
+            for name, sub in node.keys.items():
+                walk(sub, value[name], _join(key, name))
+        elif hasattr(node, "item") and isinstance(value, list):  # Repeated, lists of numbers
+            for i, sub in enumerate(value):
+                walk(node.item, sub, _join(key, str(i)))
+        elif isinstance(node, Numbers):
+            for number in value:
+                check(number, key, value)
+            with np.errstate(over="ignore"):
+                spread = np.float64(max(value)) - np.float64(min(value))
+                cast = spread.astype(dtype)
+            if not np.isfinite(cast):
+                raise ConfigError(
+                    f"config key '{key}' has value {value!r}: its numbers differ by more than "
+                    f"{dtype} (the run's dtype) holds; allowed: numbers that differ by at most "
+                    f"{info.max:.3g}",
+                    key,
+                )
+        elif isinstance(node, Scalar) and node.type is float:
+            check(value, key)
+
+    walk(schema, params, "")
+
+
 def schema_entries(node: Node, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Flattens a schema into ``(key, allowed, default, help)`` rows (for docs and ``--help``)."""
     if isinstance(node, Section):
@@ -247,6 +313,9 @@ class Experiment:
             arrays and figures through ``output``
             (:class:`gdlr_jax.experiments.runner.RunOutput`) and returns what goes into
             ``summary.json`` and the terminal table.
+        describe: ``describe(params, planned) -> [PlannedSweep, ...]``
+            (:class:`gdlr_jax.experiments.runner.PlannedSweep`): the sweeps ``run`` would
+            make, for ``gdlr run --dry-run``; ``None`` when the experiment does not say.
     """
 
     name: str
@@ -254,6 +323,7 @@ class Experiment:
     schema: Section
     plan: Callable[..., Any]
     run: Callable[..., Any]
+    describe: Callable[..., Any] | None = None
 
 
 def get_experiment(name: str) -> Experiment:
@@ -268,8 +338,36 @@ def get_experiment(name: str) -> Experiment:
 
 
 # ----- YAML ---------------------------------------------------------------------------------
+#: the largest config file (and ``--set`` value), in bytes.
+MAX_CONFIG_BYTES = 1 << 20
+#: the deepest nesting of mappings and lists in a config.
+MAX_CONFIG_DEPTH = 32
+#: the most values (scalars, mappings and lists) in a config.
+MAX_CONFIG_NODES = 100_000
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``) and refuses
+    duplicate keys in a mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first.line + 1}); a key may appear "
+                    "once in a mapping",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -286,11 +384,91 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str, what: str) -> Any:
+def _check_events(text: str, what: str) -> None:
+    """Limits a YAML text before any object is built: no aliases (so nothing expands), at
+    most :data:`MAX_CONFIG_DEPTH` levels and :data:`MAX_CONFIG_NODES` values."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        where = f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"{what} uses the YAML alias *{event.anchor} at {where}; configs allow no "
+                "anchors and aliases (write the values out)"
+            )
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{what} nests mappings and lists deeper than {MAX_CONFIG_DEPTH} levels "
+                    f"(at {where})"
+                )
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_CONFIG_NODES:
+                raise ConfigError(f"{what} holds more than {MAX_CONFIG_NODES} values (at {where})")
+
+
+_YAML_NAMES = {
+    datetime.date: "a YAML date or timestamp",
+    datetime.datetime: "a YAML date or timestamp",
+    bytes: "YAML !!binary",
+    set: "a YAML !!set",
+    tuple: "a pair of YAML !!omap or !!pairs",
+}
+
+
+def _check_json_values(value: Any, what: str, key: str = "") -> None:
+    """Refuses what JSON cannot hold (dates, ``!!set``, ``!!binary``, keys that are not
+    strings): a config is JSON data written in YAML."""
+    if isinstance(value, dict):
+        for name, sub in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(
+                    f"{what}: the key {name!r} under '{key or '<top>'}' is not a string "
+                    f"({type(name).__name__}); config keys are strings (quote it)",
+                    key,
+                )
+            _check_json_values(sub, what, _join(key, name))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            _check_json_values(sub, what, _join(key, str(i)))
+    elif value is not None and not isinstance(value, (str, int, float)):
+        kind = next((n for t, n in _YAML_NAMES.items() if isinstance(value, t)), None)
+        kind = kind or type(value).__name__
+        raise ConfigError(
+            f"{what}: config key '{key or '<top>'}' holds {kind}, which a config cannot hold: "
+            "configs hold strings, numbers, booleans, null, lists and mappings (quote a value "
+            "to make it a string)",
+            key,
+        )
+
+
+def read_yaml(text: str, what: str) -> Any:
+    """The JSON-compatible data of a YAML text, read within limits.
+
+    Before any object is built the text is checked: at most :data:`MAX_CONFIG_BYTES` bytes,
+    no aliases, at most :data:`MAX_CONFIG_DEPTH` levels of nesting and
+    :data:`MAX_CONFIG_NODES` values; then duplicate keys and values JSON cannot hold (dates,
+    ``!!set``, ``!!binary``, non-string keys) are refused.
+
+    Raises:
+        ConfigError: in one line starting with ``what`` (e.g. ``config file x.yaml``).
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{what} is {size} bytes, more than the {MAX_CONFIG_BYTES} bytes a config may hold"
+        )
     try:
-        return yaml.load(text, Loader=_Loader)
+        _check_events(text, what)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from None
+    _check_json_values(value, what)
+    return value
+
 
 
 # ----- overrides ----------------------------------------------------------------------------
@@ -302,7 +480,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(
             f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. sweep.steps=500"
         )
-    return key, _parse_yaml(value, f"--set {text!r}: the value")
+    return key, read_yaml(value, f"--set {text!r}: the value")
 
 
 def _apply_override(raw: dict, key: str, value: Any, schema: Section) -> None:
@@ -439,6 +617,7 @@ def config_from_mapping(
         _apply_override(raw, key, value, experiment.schema)
     try:
         params = experiment.schema.validate(raw, "")
+        check_run_dtype(experiment.schema, params)
     except ConfigError as err:
         blamed = _overrides_at_fault(err, [key for key, _ in parsed], experiment.schema, in_file)
         if blamed:
@@ -471,10 +650,17 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Conf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (`gdlr list` shows the shipped configs)")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:  # at most one byte more than a config may hold
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {path} is larger than the {MAX_CONFIG_BYTES} bytes a config may "
+                "hold"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {err}") from None
-    raw = _parse_yaml(text, f"config file {path}")
+    raw = read_yaml(text, f"config file {path}")
     try:
         return config_from_mapping(raw, path.stem, overrides=overrides, source=path)
     except ConfigError as err:

@@ -23,98 +23,57 @@ A run writes (``docs/reproduction.md``, section MNIST):
 * ``convergence.png``: the share of initialisations converging to a minimum (the trapping
   region) and the share diverging, per step size, one curve per depth (Figures 3 and 4);
 * ``heatmaps_depth<d>.png``: over (step size x update), the mean full-batch loss and the mean
-  ``eta ||grad L||`` over the initialisations still bounded at that update, log colour scale
+  ``eta ||grad L||`` over the initialisations still bounded at that update, log colour scales
+  bounded by percentiles of the cells, and per step size the share of each final status
   (Figures 5 and 6);
 * ``results.npz`` and ``summary.json``.
+
+The figures are drawn by :mod:`gdlr_jax.experiments.figures.mnist`; the run's steps (plan,
+sweeps, results, figures, summary) are those of :mod:`gdlr_jax.experiments._skeleton`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import pathlib
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jaxtyping import Float, Int, PRNGKeyArray
-from matplotlib import colormaps
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from jaxtyping import Float, Int
 
 from gdlr_jax.engine import (
     ChunkMemoryError,
-    ConvergenceCriteria,
     HostMemoryError,
-    SweepResult,
     TrajectoryStatus,
     plan_sweep,
-    sweep,
 )
 from gdlr_jax.engine._memory import readable_size
-from gdlr_jax.experiments import figures
-from gdlr_jax.experiments.config import ConfigError, Experiment, Scalar, Section
+from gdlr_jax.experiments import _skeleton, figures
+from gdlr_jax.experiments._shared_problems import (
+    DATA,
+    MlpProblem,
+    load_data,
+    mlp_problem,
+)
+from gdlr_jax.experiments._skeleton import NumberList, RunSteps, status_cells
+from gdlr_jax.experiments.config import ConfigError, Scalar, Section
 from gdlr_jax.experiments.runner import (
     MemoryNeed,
-    RunOutput,
+    PlannedSweep,
     RunReport,
     check_host_memory,
-    progress_bar,
 )
-from gdlr_jax.experiments.two_neuron import SCHEMA as _TWO_NEURON_SCHEMA
 from gdlr_jax.problems import mlp
-from gdlr_jax.problems.data import MnistData, load_mnist
-from gdlr_jax.problems.data.mnist import NUM_PIXELS, SOURCES
+from gdlr_jax.problems.data import MnistData
 
 
 # ----- the schema ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class NumberList:
-    """A config key holding a non-empty list of numbers, each validated by ``item``.
-
-    ``check(values)`` returns what is allowed (a string) when the list as a whole is not
-    (e.g. not increasing), else None.
-    """
-
-    item: Scalar
-    help: str
-    default: list
-    check: Callable[[list], str | None] | None = None
-
-    def describe(self) -> str:
-        return f"a non-empty list, each item {self.item.describe()}"
-
-    def validate(self, value: Any, key: str) -> list:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(
-                f"config key '{key}' has value {value!r}; allowed: {self.describe()}", key
-            )
-        out = [self.item.validate(v, f"{key}.{i}") for i, v in enumerate(value)]
-        problem = self.check(out) if self.check is not None else None
-        if problem is not None:
-            raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {problem}", key)
-        return out
-
-
 def _increasing(values: list) -> str | None:
     if all(a < b for a, b in zip(values, values[1:])):
         return None
     return "strictly increasing values"
-
-
-def _distinct(values: list) -> str | None:
-    return None if len(set(values)) == len(values) else "distinct values"
-
-
-def _check_data(data: dict) -> str | None:
-    if data["source"] == "idx" and not data["data_dir"]:
-        return "source 'idx' needs data_dir, the folder of MNIST IDX files"
-    return None
 
 
 def _check_training(training: dict) -> str | None:
@@ -123,39 +82,11 @@ def _check_training(training: dict) -> str | None:
     return None
 
 
-_ENGINE = _TWO_NEURON_SCHEMA.keys["engine"]  # the engine's settings and criteria, shared
-
-SCHEMA = Section(
+SCHEMA = _skeleton.schema(
     "MLPs on MNIST digits: the trapping region per step size and depth (Figures 3-6)",
+    _skeleton.dtype_key("float32", "floating dtype of parameters and data"),
     {
-        "dtype": Scalar(
-            str, "floating dtype of parameters and data", "float32", choices=("float32", "float64")
-        ),
-        "data": Section(
-            "the training set (gdlr_jax.data.load_mnist, split 'train'; docs/data.md)",
-            {
-                "data_dir": Scalar(
-                    str,
-                    "folder of MNIST IDX files; a relative path is taken from the current "
-                    "directory (\"\" for none, with source tfds or auto)",
-                    "",
-                ),
-                "source": Scalar(str, "where MNIST is read from", "idx", choices=SOURCES),
-                "digits": NumberList(
-                    Scalar(int, "a digit", ge=0, le=9),
-                    "the digits told apart; label j is digits[j]; one output per digit",
-                    [0, 1],
-                    check=_distinct,
-                ),
-                "max_examples": Scalar(
-                    int, "keep the first max_examples images of the digits (0: all)", 0, ge=0
-                ),
-                "standardize": Scalar(
-                    bool, "standardise each pixel over the examples (else k/255 in [0, 1])", False
-                ),
-            },
-            check=_check_data,
-        ),
+        "data": DATA,
         "model": Section(
             "the MLP (gdlr_jax.mlp): depth hidden layers of width units",
             {
@@ -176,10 +107,12 @@ SCHEMA = Section(
                     "(LeCun normal, variance 1/fan_in); 1 is Flax's default; biases start at 0",
                     1.0,
                     gt=0.0,
+                    le=1e6,  # the variance init_scale^2 stays finite in float32
                 ),
                 "loss": Scalar(
                     str,
-                    "mse (mean over examples and outputs, one-hot targets) or cross_entropy "
+                    "mse (mean over examples and outputs, one-hot targets), mse_sum (sum over "
+                    "outputs, mean over examples: 2 x mse for two digits) or cross_entropy "
                     "(softmax, mean over examples)",
                     "mse",
                     choices=mlp.LOSSES,
@@ -222,146 +155,27 @@ SCHEMA = Section(
             },
             check=_check_training,
         ),
-        "engine": Section(
-            "gdlr_jax.sweep settings and the convergence criterion (docs/engine.md)",
-            {
-                **{k: v for k, v in _ENGINE.keys.items() if k != "memory_budget_mb"},
-                "etas_per_chunk": Scalar(
-                    int,
-                    "step sizes run together (n_init trajectories each); a chunk stops as soon "
-                    "as all its trajectories have finished",
-                    1,
-                    ge=1,
-                ),
-            },
-            check=_ENGINE.check,
-        ),
-        "figures": Section(
-            "figure output",
-            {"dpi": Scalar(int, "resolution of the PNG files", 150, ge=20, le=1200)},
-        ),
     },
+    _skeleton.engine_section(
+        {
+            "etas_per_chunk": Scalar(
+                int,
+                "step sizes run together (n_init trajectories each); a chunk stops as soon "
+                "as all its trajectories have finished",
+                1,
+                ge=1,
+            ),
+            "stop_at_convergence": Scalar(
+                bool,
+                "true: a converged trajectory is frozen there (its heatmap rows then show eta x "
+                "the tolerance); false: it keeps stepping and recording to training.steps "
+                "(gdlr_jax.sweep(stop_at_convergence=False); the heatmaps show the dynamics)",
+                True,
+            ),
+        },
+        chunking_last=True,
+    ),
 )
-
-
-# ----- the problem: data, initialisations, loss ---------------------------------------------
-def load_data(data: Mapping[str, Any]) -> MnistData:
-    """The training images of the config's ``data`` section (:func:`gdlr_jax.data.load_mnist`).
-
-    Raises:
-        ConfigError: in one line, when the data folder or its files are missing or corrupt
-            (wrong magic, truncated, bad gzip), or no source can provide MNIST (key
-            ``data.data_dir``, or ``data.source`` when its package is missing; a relative path
-            is taken from the current directory).
-    """
-    data_dir = pathlib.Path(data["data_dir"]).expanduser() if data["data_dir"] else None
-    try:
-        return load_mnist(
-            data_dir,
-            digits=data["digits"],
-            split="train",
-            standardize=data["standardize"],
-            max_examples=data["max_examples"] or None,
-            source=data["source"],
-        )
-    except (FileNotFoundError, ImportError, RuntimeError, ValueError) as err:
-        key = "data.source" if isinstance(err, ImportError) else "data.data_dir"
-        where = "" if data_dir is None else f" (current directory {pathlib.Path.cwd()})"
-        first, *more = str(err).splitlines()  # the rest says how to get MNIST: docs/data.md
-        raise ConfigError(
-            f"config key '{key}' has value {data[key[5:]]!r}{where}: {first}"
-            + (" (docs/data.md says how to get MNIST)" if more else ""),
-            key,
-        ) from None
-
-
-class MlpProblem(NamedTuple):
-    """The arguments of :func:`gdlr_jax.sweep` for one architecture.
-
-    Attributes:
-        loss_fn: ``loss_fn(params)`` (full batch, the data closed over) or
-            ``loss_fn(params, (images, labels))`` (with ``batch_source``).
-        params0: the ``nnx.Param`` state of ``n_init`` MLPs, leaves ``(n_init, ...)``.
-        batch_source: ``((images (n, 784), labels (n,)), batch_size)`` or ``None``.
-        key: the key of the minibatch sequence, or ``None``.
-        optimizer: an optax factory taking ``learning_rate``, or ``None`` (plain steps).
-    """
-
-    loss_fn: Callable[..., Float[jax.Array, ""]]
-    params0: Any
-    batch_source: tuple[tuple[jax.Array, jax.Array], int] | None
-    key: PRNGKeyArray | None
-    optimizer: Callable[..., optax.GradientTransformation] | None
-
-
-def optimizer_factory(name: str, momentum: float) -> Callable[..., Any] | None:
-    """The optax factory of ``training.optimizer`` (``None`` for plain GD/SGD steps)."""
-    if name == "gd":
-        return None
-    if name == "momentum":
-        return functools.partial(optax.sgd, momentum=momentum)
-    return optax.adam
-
-
-def mlp_problem(
-    data: MnistData,
-    depth: int,
-    model: Mapping[str, Any],
-    training: Mapping[str, Any],
-    *,
-    init_key: PRNGKeyArray,
-    batch_key: PRNGKeyArray,
-    dtype: Any,
-) -> MlpProblem:
-    """``n_init`` MLPs of one depth on ``data``, as inputs of :func:`gdlr_jax.sweep`.
-
-    Args:
-        data: the training set (``len(data.digits)`` classes, one output each).
-        depth: number of hidden layers.
-        model: the config's ``model`` section (``width``, ``activation``, ``use_bias``,
-            ``init_scale``, ``loss``).
-        training: the config's ``training`` section (``n_init``, ``batch_size``,
-            ``optimizer``, ``momentum``).
-        init_key: key of the initialisations (:func:`gdlr_jax.mlp.init_mlp_params`).
-        batch_key: key of the minibatch sequence (used when ``batch_size > 0``).
-        dtype: floating dtype of parameters and images.
-
-    Returns:
-        An :class:`MlpProblem`.
-
-    Raises:
-        ConfigError: when ``training.batch_size`` exceeds the number of examples.
-    """
-    n = data.labels.shape[0]
-    if training["batch_size"] > n:
-        raise ConfigError(
-            f"config key 'training.batch_size' has value {training['batch_size']}; allowed: "
-            f"at most the {n} training examples of the digits {list(data.digits)}",
-            "training.batch_size",
-        )
-    classes = len(data.digits)
-    graphdef, params0 = mlp.init_mlp_params(
-        init_key,
-        training["n_init"],
-        depth=depth,
-        width=model["width"],
-        in_features=NUM_PIXELS,
-        out_features=classes,
-        activation=model["activation"],
-        use_bias=model["use_bias"],
-        init_scale=model["init_scale"],
-        param_dtype=dtype,
-    )
-    loss_fn = mlp.mlp_loss(graphdef, loss=model["loss"], num_classes=classes)
-    batch = (jnp.asarray(data.images, dtype), jnp.asarray(data.labels))
-    optimizer = optimizer_factory(training["optimizer"], training["momentum"])
-    if training["batch_size"] == 0:
-
-        def full_batch_loss(params: Any) -> Float[jax.Array, ""]:
-            return loss_fn(params, batch)
-
-        return MlpProblem(full_batch_loss, params0, None, None, optimizer)
-    return MlpProblem(loss_fn, params0, (batch, training["batch_size"]), batch_key, optimizer)
 
 
 # ----- what the figures show ----------------------------------------------------------------
@@ -393,11 +207,6 @@ def bounded_mean(
     return mean, number / recorded.shape[1]
 
 
-def status_shares(status: Int[np.ndarray, "... n_init"]) -> dict[str, np.ndarray]:
-    """Share of the initialisations with each :class:`~gdlr_jax.TrajectoryStatus` (last axis)."""
-    return {s.name.lower(): np.mean(status == int(s), axis=-1) for s in TrajectoryStatus}
-
-
 def collapse_step_size(etas: Sequence[float], converged: Sequence[float]) -> float | None:
     """The smallest step size of the grid from which on no initialisation converges.
 
@@ -408,110 +217,6 @@ def collapse_step_size(etas: Sequence[float], converged: Sequence[float]) -> flo
         return None
     some = np.flatnonzero(converged > 0)
     return float(etas[0] if some.size == 0 else etas[some[-1] + 1])
-
-
-def _eta_axis(ax: Any, etas: np.ndarray) -> None:
-    if etas.size > 1 and etas[-1] / etas[0] > 10:
-        ax.set_xscale("log")
-
-
-def convergence_figure(
-    etas: Float[np.ndarray, " n_eta"],
-    depths: Sequence[int],
-    status: Int[np.ndarray, "n_depth n_eta n_init"],
-    title: str,
-) -> Figure:
-    """Figures 3 and 4: the share converging to a minimum and diverging, per step size.
-
-    Args:
-        etas: the step sizes.
-        depths: the depths, one curve each.
-        status: :class:`~gdlr_jax.TrajectoryStatus` codes.
-        title: the setting (model, loss, optimiser, initialisations).
-    """
-    fig = Figure(figsize=(10.0, 4.4), layout="constrained")
-    ax_conv, ax_div = fig.subplots(1, 2, sharex=True)
-    colours = colormaps["viridis"](np.linspace(0.0, 0.85, len(depths)))
-    for depth, codes, colour in zip(depths, status, colours, strict=True):
-        shares = status_shares(codes)
-        ax_conv.plot(etas, 100 * shares["converged_minimum"], "o-", color=colour, ms=4,
-                     label=f"depth {depth}")
-        ax_div.plot(etas, 100 * shares["diverged"], "s--", color=colour, ms=4,
-                    label=f"depth {depth}")
-    for ax, what in ((ax_conv, "converged to a minimum"), (ax_div, "diverged")):
-        _eta_axis(ax, etas)
-        ax.set(xlabel="step size $\\eta$", ylabel=f"% of initialisations {what}",
-               ylim=(-3, 103))
-        ax.grid(alpha=0.3)
-    ax_conv.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def _cell_edges(centres: np.ndarray) -> np.ndarray:
-    """Edges of cells centred at increasing ``centres`` (half-way between neighbours)."""
-    if centres.size == 1:
-        return np.array([centres[0] - 0.5, centres[0] + 0.5])
-    mid = (centres[1:] + centres[:-1]) / 2
-    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
-
-
-def heatmaps_figure(
-    etas: Float[np.ndarray, " n_eta"],
-    record_steps: Int[np.ndarray, " n_rec"],
-    mean_loss: Float[np.ndarray, "n_eta n_rec"],
-    mean_step_norm: Float[np.ndarray, "n_eta n_rec"],
-    status: Int[np.ndarray, "n_eta n_init"],
-    title: str,
-) -> Figure:
-    """Figures 5 and 6: mean loss and mean ``eta ||grad L||`` over (step size x update).
-
-    One row per step size (smallest at the bottom), one column per recorded update; log
-    colour scales. Cells where every trajectory has diverged (NaN means, see
-    :func:`bounded_mean`) are grey. The means are over the trajectories still bounded, so
-    the right-hand labels give, per step size, the shares of the initialisations that
-    converged to a minimum and that diverged (from ``status``).
-    """
-    fig = Figure(figsize=(12.0, 2.4 + 0.28 * len(etas)), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    x_edges = _cell_edges(np.asarray(record_steps, np.float64))
-    cmap = colormaps["magma"].with_extremes(bad="#bdbdbd")
-    for ax, values, label in (
-        (axes[0], mean_loss, "mean full-batch loss $L$"),
-        (axes[1], mean_step_norm, "mean $\\eta\\,\\|\\nabla L\\|$"),
-    ):
-        positive = values[np.isfinite(values) & (values > 0)]
-        norm = None
-        if positive.size:
-            low, high = positive.min(), positive.max()
-            norm = LogNorm(vmin=low, vmax=max(high, low * 10))
-            values = np.where(np.isfinite(values), np.maximum(values, low), np.nan)
-        mesh = ax.pcolormesh(
-            x_edges, np.arange(len(etas) + 1), np.ma.masked_invalid(values), cmap=cmap,
-            norm=norm, shading="flat",
-        )
-        fig.colorbar(mesh, ax=ax, label=f"{label} (log scale)")
-        ax.set(xlabel="update $t$", title=label)
-    rows = np.arange(len(etas)) + 0.5
-    axes[0].set_yticks(rows, labels=[f"{e:g}" for e in etas])
-    axes[0].set_ylabel("step size $\\eta$")
-    shares = status_shares(status)
-    right = axes[1].twinx()
-    right.set_ylim(axes[1].get_ylim())
-    right.set_yticks(
-        rows,
-        labels=[
-            f"{c:.0%} conv. {d:.0%} div."
-            for c, d in zip(shares["converged_minimum"], shares["diverged"], strict=True)
-        ],
-        fontsize=7,
-    )
-    fig.legend(
-        handles=[Patch(color="#bdbdbd", label="every trajectory has diverged")],
-        loc="outside lower center", fontsize=8, frameon=False,
-    )
-    fig.suptitle(title, fontsize=10)
-    return fig
 
 
 # ----- the run ------------------------------------------------------------------------------
@@ -543,11 +248,12 @@ def _sweep_arguments(
         optimizer=problem.optimizer,
         key=problem.key,
         min_loss_value=0.0,
-        criteria=ConvergenceCriteria(**{k: engine[k] for k in ConvergenceCriteria._fields}),
+        criteria=_skeleton.criteria(engine),
         check_every=engine["check_every"],
         record_every=training["record_every"],
         dtype=dtype,
         chunk_size=engine["etas_per_chunk"] * training["n_init"],
+        stop_at_convergence=engine["stop_at_convergence"],
     )
 
 
@@ -613,21 +319,10 @@ def check_chunks_fit(
     check_host_memory(needs, limit)  # the results of every depth are kept to the end
 
 
-def _sweep_depth(
-    problem: MlpProblem,
-    etas: np.ndarray,
-    params: Mapping[str, Any],
-    dtype: Any,
-    on_chunk: Callable[[int, Any], None],
-    checkpoint_dir: pathlib.Path,
-) -> SweepResult:
-    args, kwargs = _sweep_arguments(problem, etas, params, dtype)
-    return sweep(*args, **kwargs, on_chunk=on_chunk, checkpoint_dir=checkpoint_dir)
-
-
 def plan(params: Mapping[str, Any]) -> MnistData:
     """Loads the data and plans every depth's sweep (:func:`check_chunks_fit`), before the
-    run makes its folder.
+    run makes its folder (float64 enabled when ``dtype`` is float64: the run's ``plan`` step,
+    see :mod:`gdlr_jax.experiments._skeleton`).
 
     Returns:
         The training data.
@@ -636,34 +331,29 @@ def plan(params: Mapping[str, Any]) -> MnistData:
         ConfigError: in one line, on a missing or corrupt data folder, or a sweep that is
             estimated not to fit in memory.
     """
-    with jax.enable_x64(params["dtype"] == "float64"):
-        data = load_data(params["data"])
-        etas = np.asarray(params["training"]["etas"], np.float64)
-        check_chunks_fit(data, etas, params, jnp.dtype(params["dtype"]))
-        return data
-
-
-def run(
-    params: Mapping[str, Any], data: MnistData, output: RunOutput, progress: bool = True
-) -> RunReport:
-    """Runs the MNIST experiment from resolved config keys (see :data:`SCHEMA`) on ``data``
-    (from :func:`plan`)."""
-    with jax.enable_x64(params["dtype"] == "float64"):
-        return _run(params, data, output, progress)
+    data = load_data(params["data"])
+    etas = np.asarray(params["training"]["etas"], np.float64)
+    check_chunks_fit(data, etas, params, jnp.dtype(params["dtype"]))
+    return data
 
 
 _FIELDS = (
     "status", "steps_taken", "final_loss", "final_grad_norm", "asymptotic_step_norm", "period",
     "recorded_loss", "recorded_step_norm",
 )
-_SHORT_NAMES = ("minimum", "critical pt", "periodic", "not conv.", "diverged")
 
 
-def _run(
-    params: Mapping[str, Any], data: MnistData, output: RunOutput, progress: bool
-) -> RunReport:
+class _Computed(NamedTuple):
+    """What the sweeps give the figures and the report."""
+
+    arrays: dict[str, Any]  # results.npz
+    shares: dict[str, np.ndarray]  # status shares, each (n_depth, n_eta)
+
+
+def compute(params: Mapping[str, Any], data: MnistData, steps: RunSteps) -> _Computed:
+    """The sweep of every depth on ``data`` (from :func:`plan`), from resolved config keys
+    (see :data:`SCHEMA`), and the heatmaps' means (:func:`bounded_mean`)."""
     training = params["training"]
-    timings = {}
     dtype = jnp.dtype(params["dtype"])
     etas = np.asarray(training["etas"], np.float64)
     depths = params["model"]["depths"]
@@ -671,16 +361,11 @@ def _run(
 
     results = []
     total = len(depths) * len(etas) * training["n_init"]
-    with progress_bar(total, "mnist sweeps", progress) as bar:
+    with steps.progress_bar(total, "mnist sweeps") as bar:
         for depth in depths:
-            tic = time.perf_counter()
-            result = _sweep_depth(
-                problems[depth], etas, params, dtype,
-                on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
-                checkpoint_dir=output.checkpoint_dir(f"depth{depth}"),
-            )
-            results.append(result)
-            timings[f"depth_{depth}"] = time.perf_counter() - tic
+            with steps.timed(f"depth_{depth}"):
+                args, kwargs = _sweep_arguments(problems[depth], etas, params, dtype)
+                results.append(steps.sweep(f"depth{depth}", bar, *args, **kwargs))
 
     arrays: dict[str, Any] = {
         "etas": etas,
@@ -699,24 +384,26 @@ def _run(
     arrays["heatmap_mean_loss"] = np.stack([m[0][0] for m in means])
     arrays["heatmap_mean_step_norm"] = np.stack([m[1][0] for m in means])
     arrays["heatmap_bounded_share"] = np.stack([m[0][1] for m in means])
-    shares = status_shares(arrays["status"])  # each (n_depth, n_eta)
+    shares = figures.status_shares(arrays["status"])  # each (n_depth, n_eta)
     arrays["converged_fraction"] = shares["converged_minimum"]
-    output.write_arrays("results", arrays)
+    return _Computed(arrays, shares)
 
-    tic = time.perf_counter()
-    dpi = params["figures"]["dpi"]
+
+def draw_figures(
+    params: Mapping[str, Any], data: MnistData, computed: _Computed
+) -> Iterator[tuple[str, Any]]:
+    """``convergence`` (Figures 3 and 4) and ``heatmaps_depth<d>`` per depth (Figures 5 and
+    6), each drawn when the run saves it."""
+    arrays, depths = computed.arrays, params["model"]["depths"]
     setting = _setting(params, int(data.labels.shape[0]))
-    output.save_figure(
-        convergence_figure(etas, depths, arrays["status"], setting), "convergence", dpi=dpi
+    yield "convergence", figures.convergence_figure(
+        arrays["etas"], depths, arrays["status"], setting
     )
     for k, depth in enumerate(depths):
-        figure = heatmaps_figure(
-            etas, record_steps, arrays["heatmap_mean_loss"][k],
+        yield f"heatmaps_depth{depth}", figures.heatmaps_figure(
+            arrays["etas"], arrays["record_steps"], arrays["heatmap_mean_loss"][k],
             arrays["heatmap_mean_step_norm"][k], arrays["status"][k], f"depth {depth}: {setting}",
         )
-        output.save_figure(figure, f"heatmaps_depth{depth}", dpi=dpi)
-    timings["figures"] = time.perf_counter() - tic
-    return _report(params, data, arrays, shares, timings)
 
 
 def _median_of_bounded(values: np.ndarray, status: np.ndarray) -> float | None:
@@ -724,15 +411,11 @@ def _median_of_bounded(values: np.ndarray, status: np.ndarray) -> float | None:
     return float(np.median(kept)) if kept.size else None
 
 
-def _report(
-    params: Mapping[str, Any],
-    data: MnistData,
-    arrays: Mapping[str, Any],
-    shares: Mapping[str, np.ndarray],
-    timings: Mapping[str, float],
-) -> RunReport:
+def report(params: Mapping[str, Any], data: MnistData, computed: _Computed) -> RunReport:
+    """``summary.json`` and the terminal table: per depth and step size the status shares and
+    the medians of the bounded trajectories; per depth where convergence stops."""
+    arrays, shares = computed.arrays, computed.shares
     etas, depths = arrays["etas"], params["model"]["depths"]
-    names = [code.name.lower() for code in figures.STATUS_STYLE]
     per_depth, rows, notes = [], [], []
     for k, depth in enumerate(depths):
         per_eta = []
@@ -750,7 +433,7 @@ def _report(
             per_eta.append(entry)
             step = entry["median_asymptotic_step_norm"]
             rows.append([
-                depth, float(eta), *(entry["status_fractions"][s] for s in names),
+                depth, float(eta), *status_cells(entry["status_fractions"]),
                 "-" if step is None else step,
             ])
         converged = shares["converged_minimum"][k]
@@ -771,8 +454,6 @@ def _report(
                 + ("some still converge at the largest step size" if collapse is None
                    else f"none converges for eta >= {collapse:g}")
             )
-    engine = params["engine"]
-    criterion = {k: engine[k] for k in ConvergenceCriteria._fields}
     summary = {
         "data": {
             "data_dir": str(pathlib.Path(params["data"]["data_dir"]).expanduser().resolve())
@@ -780,19 +461,34 @@ def _report(
             "examples": int(data.labels.shape[0]),
             "digits": list(data.digits),
         },
-        "criterion": criterion,
+        "criterion": _skeleton.criteria(params["engine"])._asdict(),
         "depths": per_depth,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    headers = ["depth", "eta", *_SHORT_NAMES, "median eta|grad L|"]
+    headers = ["depth", "eta", *_skeleton.STATUS_HEADERS, "median eta|grad L|"]
     return RunReport(summary=summary, headers=headers, rows=rows, notes=notes)
 
 
-EXPERIMENT = Experiment(
+def describe(params: Mapping[str, Any], data: MnistData) -> list[PlannedSweep]:
+    """One sweep per depth, on ``data`` from :func:`plan` (for ``gdlr run --dry-run``)."""
+    training, n = params["training"], data.images.shape[0]
+    n_eta, batch = len(training["etas"]), training["batch_size"]
+    note = f"{n_eta} step sizes x {training['n_init']} initialisations, {n} examples, " + (
+        f"batch {batch}" if batch else "full batch"
+    )
+    return [
+        PlannedSweep(f"depth{depth}", n_eta * training["n_init"], training["steps"], note)
+        for depth in params["model"]["depths"]
+    ]
+
+
+EXPERIMENT = _skeleton.experiment(
     name="mnist",
     summary="MLPs on MNIST digits: trapping region per step size and depth, loss and "
     "eta ||grad L|| heatmaps (Figures 3-6)",
     schema=SCHEMA,
     plan=plan,
-    run=run,
+    compute=compute,
+    figures=draw_figures,
+    report=report,
+    describe=describe,
 )

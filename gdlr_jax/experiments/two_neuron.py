@@ -7,7 +7,8 @@ eigenvalue ``x^2 + y^2`` on M, so ``M_WS(eta) = {xy = 1, x^2 + y^2 < 2/eta}`` an
 * Figure 1 (``phase_portraits``): GD trajectories from a grid of starts for each step size of
   ``portraits`` (the paper: ``eta = 0.4`` over ``R = [-0.2, 2.5] x [0, 2.5]``, trajectories
   converging onto ``M_WS``; ``eta = 1.1`` over ``[0.7, 1.2] x [0.6, 1.2]``, none converging),
-  from the engine's recordings of the iterates;
+  from the engine's recordings of the iterates, each panel grown beyond its region to show
+  where every trajectory that did not diverge ends;
 * Figure 2 (``weak_stability``): the length of ``M_WS(eta)`` normalised by its length at
   ``reference_eta`` (the paper: 0.1), beside the *trapping-region fraction*: the share of a
   grid of initialisations that :func:`gdlr_jax.sweep` classifies as converged to a minimum;
@@ -20,13 +21,15 @@ The length of ``M_WS`` comes from the toolkit's curvature, not from the formula 
 a fine parametrisation ``x = s e^t, y = s e^{-t}`` (``s = +-1``, ``|t| <= log_extent``) of each
 branch, and the arclength of ``{eta < threshold}`` is integrated along the polyline, the
 threshold interpolated linearly between points (so a crossing is located to second order).
+
+The figures are drawn by :mod:`gdlr_jax.experiments.figures.two_neuron`; the run's steps
+(plan, sweeps, results, figures, summary) are those of :mod:`gdlr_jax.experiments._skeleton`.
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -38,29 +41,21 @@ from gdlr_jax.dynamics import critical_step_size
 from gdlr_jax.dynamics._stability import CRITERIA, weak_stability_threshold
 from gdlr_jax.engine import (
     ChunkMemoryError,
-    ConvergenceCriteria,
     HostMemoryError,
     SweepResult,
     TrajectoryStatus,
     plan_sweep,
-    sweep,
 )
 from gdlr_jax.engine._memory import readable_size
-from gdlr_jax.experiments import figures
-from gdlr_jax.experiments.config import (
-    ConfigError,
-    Experiment,
-    Numbers,
-    Repeated,
-    Scalar,
-    Section,
-)
+from gdlr_jax.experiments import _skeleton, figures
+from gdlr_jax.experiments._shared_problems import initial_grid, two_neuron_loss
+from gdlr_jax.experiments._skeleton import RunSteps, status_cells, status_fractions
+from gdlr_jax.experiments.config import ConfigError, Numbers, Repeated, Scalar, Section
 from gdlr_jax.experiments.runner import (
     MemoryNeed,
-    RunOutput,
+    PlannedSweep,
     RunReport,
     check_host_memory,
-    progress_bar,
 )
 from gdlr_jax.problems import linear
 
@@ -90,30 +85,14 @@ def _check_eta_grid(grid: dict) -> str | None:
     return f"eta.start = {grid['start']} must be <= eta.stop = {grid['stop']}"
 
 
-def _criteria(engine: Mapping[str, Any]) -> ConvergenceCriteria:
-    return ConvergenceCriteria(**{k: engine[k] for k in ConvergenceCriteria._fields})
-
-
-def _check_criteria(engine: dict) -> str | None:
-    try:
-        _criteria(engine).validate()
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 R = [-0.2, 2.5, 0.0, 2.5]  # the region R of the paper's Figure 1 (left)
-_CRITERIA = ConvergenceCriteria()  # the engine's default tolerances
 
-SCHEMA = Section(
+SCHEMA = _skeleton.schema(
     "the two-neuron study",
+    _skeleton.dtype_key(
+        "float64", "floating dtype of the GD trajectories (curvature is always float64)"
+    ),
     {
-        "dtype": Scalar(
-            str,
-            "floating dtype of the GD trajectories (curvature is always float64)",
-            "float64",
-            choices=("float32", "float64"),
-        ),
         "critical_step_size": Section(
             "eta_E by gdlr_jax.critical_step_size (minimises lambda_max over M)",
             {
@@ -145,7 +124,7 @@ SCHEMA = Section(
                 "points": Scalar(int, "points per branch", 8001, ge=3),
                 "reference_eta": _eta(0.1, "lengths are normalised by |M_WS(reference_eta)|"),
                 "curve_points": Scalar(
-                    int, "step sizes on the length curve of Figure 2", 300, ge=2
+                    int, "step sizes on the length curve of Figure 2", 300, ge=2, le=100_000
                 ),
             },
         ),
@@ -175,7 +154,8 @@ SCHEMA = Section(
                     "eta": Scalar(float, "step size", gt=0.0),
                     "region": Numbers(
                         4,
-                        "region shown and of the starts: [x_min, x_max, y_min, y_max]",
+                        "region of the starts, shown grown to hold every last iterate of a "
+                        "trajectory that did not diverge: [x_min, x_max, y_min, y_max]",
                         check=_check_region,
                     ),
                     "starts": Scalar(int, "starts per axis (cell centres)", ge=1),
@@ -197,46 +177,14 @@ SCHEMA = Section(
                 "steps": _steps(3000),
             },
         ),
-        "engine": Section(
-            "gdlr_jax.sweep settings and the convergence criteria of a trajectory (docs/engine.md)",
-            {
-                "check_every": Scalar(int, "steps between convergence checks", 64, ge=1),
-                "memory_budget_mb": Scalar(
-                    int, "memory for one chunk of trajectories (MiB)", 1024, ge=1
-                ),
-                "grad_tol": Scalar(
-                    float, "converged: ||grad L|| <= grad_tol", _CRITERIA.grad_tol, ge=0.0
-                ),
-                "step_tol": Scalar(
-                    float, "converged: eta ||grad L|| <= step_tol", _CRITERIA.step_tol, ge=0.0
-                ),
-                "loss_tol": Scalar(
-                    float,
-                    "a minimum: loss <= loss_tol (the minimum value is 0)",
-                    _CRITERIA.loss_tol,
-                    ge=0.0,
-                ),
-                "divergence_bound": Scalar(
-                    float,
-                    "diverged: max |theta_i| > divergence_bound",
-                    _CRITERIA.divergence_bound,
-                    gt=0.0,
-                ),
-                "window": Scalar(
-                    int, "final steps searched for a periodic orbit", _CRITERIA.window, ge=2
-                ),
-                "max_period": Scalar(int, "largest period looked for", _CRITERIA.max_period, ge=1),
-                "period_tol": Scalar(
-                    float, "relative tolerance of the period test", _CRITERIA.period_tol, ge=0.0
-                ),
-            },
-            check=_check_criteria,
-        ),
-        "figures": Section(
-            "figure output",
-            {"dpi": Scalar(int, "resolution of the PNG files", 150, ge=20, le=1200)},
-        ),
     },
+    _skeleton.engine_section(
+        {
+            "memory_budget_mb": Scalar(
+                int, "memory for one chunk of trajectories (MiB)", 1024, ge=1
+            ),
+        }
+    ),
 )
 
 
@@ -284,7 +232,7 @@ def weak_stability_thresholds(
     """
     with jax.enable_x64(True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        loss = _two_neuron_loss("float64")
+        loss = two_neuron_loss("float64")
         return np.concatenate(
             [
                 np.asarray(_thresholds(loss, x[i : i + block], y[i : i + block], criterion))
@@ -379,32 +327,6 @@ def _check_extent(params: Mapping[str, Any], etas: np.ndarray) -> None:
 
 
 # ----- grids of initialisations -------------------------------------------------------------
-def initial_grid(
-    region: list[float], nx: int, ny: int, dtype: Any
-) -> tuple[np.ndarray, np.ndarray, list]:
-    """Cell centres of an ``ny x nx`` grid over ``region`` as engine parameters.
-
-    Cell centres (not the edges) keep exceptional points such as the balanced minimum
-    ``(1, 1)``, a fixed point for every ``eta``, off the usual grids.
-
-    Returns:
-        ``xs (nx,)``, ``ys (ny,)`` and ``params0 = [W1 (ny*nx, 1, 1), W2 (ny*nx, 1, 1)]``
-        (row-major: initialisation ``i = iy * nx + ix`` starts at ``(xs[ix], ys[iy])``).
-    """
-    x0, x1, y0, y1 = region
-    xs = x0 + (np.arange(nx) + 0.5) * (x1 - x0) / nx
-    ys = y0 + (np.arange(ny) + 0.5) * (y1 - y0) / ny
-    gx, gy = np.meshgrid(xs, ys)
-    params0 = [jnp.asarray(g.reshape(-1, 1, 1), dtype) for g in (gx, gy)]
-    return xs, ys, params0
-
-
-@functools.cache
-def _two_neuron_loss(dtype_name: str) -> Any:
-    """One loss object per dtype, so that repeated sweeps can reuse their compilation."""
-    return linear.two_neuron(jnp.dtype(dtype_name)).loss
-
-
 class _SweepSpec(NamedTuple):
     """One sweep of the study: a ``starts x starts`` grid of cell centres over ``region``
     (:func:`initial_grid`) at the step sizes ``etas``."""
@@ -460,11 +382,11 @@ def _sweep_specs(params: Mapping[str, Any], etas: np.ndarray) -> list[_SweepSpec
 def _sweep_arguments(spec: _SweepSpec, params0: Any, dtype: Any, engine: Mapping[str, Any]):
     """The arguments ``(args, kwargs)`` of :func:`gdlr_jax.plan_sweep` and
     :func:`gdlr_jax.sweep` for ``spec`` from ``params0``."""
-    args = (_two_neuron_loss(dtype.name), params0, jnp.asarray(spec.etas, dtype))
+    args = (two_neuron_loss(dtype.name), params0, jnp.asarray(spec.etas, dtype))
     return args, dict(
         steps=spec.steps,
         min_loss_value=0.0,
-        criteria=_criteria(engine),
+        criteria=_skeleton.criteria(engine),
         check_every=engine["check_every"],
         memory_budget_bytes=engine["memory_budget_mb"] << 20,
         dtype=dtype,
@@ -543,7 +465,17 @@ def _chunk_memory_error(err: ChunkMemoryError, spec: _SweepSpec, params: Mapping
     )
 
 
-def _run_sweep(spec: _SweepSpec, ctx: _Context) -> tuple[np.ndarray, np.ndarray, SweepResult]:
+class _Sweeping(NamedTuple):
+    """What every sweep of the study shares."""
+
+    dtype: Any  # of the trajectories
+    engine: Mapping[str, Any]  # the config's engine section
+    criterion: str  # the eigenvalue of Def. 16
+
+
+def _run_sweep(
+    spec: _SweepSpec, ctx: _Sweeping, steps: RunSteps
+) -> tuple[np.ndarray, np.ndarray, SweepResult]:
     """:func:`gdlr_jax.sweep` of ``spec`` with a progress bar over trajectories; its finished
     chunks are saved in the run's checkpoint folder ``spec.name`` (resumable).
 
@@ -552,55 +484,9 @@ def _run_sweep(spec: _SweepSpec, ctx: _Context) -> tuple[np.ndarray, np.ndarray,
     """
     xs, ys, params0 = initial_grid(spec.region, spec.starts, spec.starts, ctx.dtype)
     args, kwargs = _sweep_arguments(spec, params0, ctx.dtype, ctx.engine)
-    with progress_bar(len(spec.etas) * spec.starts**2, spec.desc, ctx.progress) as bar:
-        result = sweep(
-            *args,
-            **kwargs,
-            on_chunk=lambda index, chunk: bar.update(chunk.stop - chunk.start),
-            checkpoint_dir=ctx.output.checkpoint_dir(spec.name),
-        )
+    with steps.progress_bar(len(spec.etas) * spec.starts**2, spec.desc) as bar:
+        result = steps.sweep(spec.name, bar, *args, **kwargs)
     return xs, ys, result
-
-
-# table headers, in the order of figures.STATUS_STYLE
-_SHORT_NAMES = ("minimum", "critical pt", "periodic", "not conv.", "diverged")
-
-
-def _status_fractions(status: np.ndarray) -> dict[str, float]:
-    return {s.name.lower(): float(np.mean(status == int(s))) for s in TrajectoryStatus}
-
-
-# ----- the study ----------------------------------------------------------------------------
-class _Context(NamedTuple):
-    """What the parts of the study share."""
-
-    dtype: Any
-    engine: Mapping[str, Any]
-    profile: MinimaProfile
-    criterion: str
-    progress: bool
-    output: RunOutput  # where the sweeps save their finished chunks
-
-    def minima_at(self, eta: float) -> figures.MinimaCurve:
-        return figures.MinimaCurve(self.profile.xy, self.profile.thresholds > eta)
-
-
-def _phase_portraits(ctx: _Context, specs: list[_SweepSpec]) -> tuple[Any, dict, list]:
-    """Figure 1 from the engine's recordings of the iterates: (figure, arrays, summaries)."""
-    panels, arrays, summaries = [], {}, []
-    for i, spec in enumerate(specs):
-        _, _, result = _run_sweep(spec, ctx)
-        eta = float(spec.etas[0])
-        w1, w2 = (np.asarray(w)[0, :, :, 0, 0] for w in result.recorded_params)
-        paths = np.stack([w1, w2], axis=-1)  # (starts^2, steps + 1, 2), time 0 included
-        status = np.asarray(result.status)[0]
-        panels.append(
-            figures.PortraitPanel(eta, spec.region, paths, status, ctx.minima_at(eta))
-        )
-        arrays[f"portrait{i}_paths"] = paths
-        arrays[f"portrait{i}_status"] = status
-        summaries.append({"eta": eta, "status_fractions": _status_fractions(status)})
-    return figures.phase_portraits(panels), arrays, summaries
 
 
 def unstable_convergence_fraction(
@@ -629,9 +515,41 @@ def unstable_convergence_fraction(
     return counts / status.shape[1]
 
 
-def _trapping_region(ctx: _Context, spec: _SweepSpec) -> dict:
+def _eta_grid(eta: Mapping[str, Any]) -> np.ndarray:
+    """``linspace(start, stop, num)``, rounded so that e.g. 1.05 is reported as 1.05, not
+    1.0499999999999998."""
+    return np.round(np.linspace(eta["start"], eta["stop"], eta["num"]), 12)
+
+
+# ----- the study ----------------------------------------------------------------------------
+class _Computed(NamedTuple):
+    """What the sweeps of the study give its figures and report."""
+
+    arrays: dict[str, Any]  # results.npz
+    profile: MinimaProfile
+    critical: Any  # gdlr_jax.CriticalStepSize
+    reference_length: float
+    portraits: list[dict]  # per panel of Figure 1: eta and status fractions
+
+
+def _phase_portraits(
+    specs: list[_SweepSpec], ctx: _Sweeping, steps: RunSteps
+) -> tuple[dict, list]:
+    """Figure 1 from the engine's recordings of the iterates: (arrays, summaries)."""
+    arrays, summaries = {}, []
+    for i, spec in enumerate(specs):
+        _, _, result = _run_sweep(spec, ctx, steps)
+        w1, w2 = (np.asarray(w)[0, :, :, 0, 0] for w in result.recorded_params)
+        status = np.asarray(result.status)[0]
+        arrays[f"portrait{i}_paths"] = np.stack([w1, w2], axis=-1)  # (starts^2, steps + 1, 2)
+        arrays[f"portrait{i}_status"] = status
+        summaries.append({"eta": float(spec.etas[0]), "status_fractions": status_fractions(status)})
+    return arrays, summaries
+
+
+def _trapping_region(spec: _SweepSpec, ctx: _Sweeping, steps: RunSteps) -> dict:
     """The sweep of Figure 2: every initialisation of the grid at every step size."""
-    xs, ys, result = _run_sweep(spec, ctx)
+    xs, ys, result = _run_sweep(spec, ctx, steps)
     return {
         "sweep_eta": spec.etas,
         "sweep_x0": xs,
@@ -646,9 +564,9 @@ def _trapping_region(ctx: _Context, spec: _SweepSpec) -> dict:
     }
 
 
-def _basin_map(ctx: _Context, spec: _SweepSpec) -> dict:
+def _basin_map(spec: _SweepSpec, ctx: _Sweeping, steps: RunSteps) -> dict:
     """The status and steps of every initialisation of a fine grid at one step size."""
-    xs, ys, result = _run_sweep(spec, ctx)
+    xs, ys, result = _run_sweep(spec, ctx, steps)
     n = spec.starts
     return {
         "basin_x0": xs,
@@ -659,53 +577,32 @@ def _basin_map(ctx: _Context, spec: _SweepSpec) -> dict:
     }
 
 
-def _eta_grid(eta: Mapping[str, Any]) -> np.ndarray:
-    """``linspace(start, stop, num)``, rounded so that e.g. 1.05 is reported as 1.05, not
-    1.0499999999999998."""
-    return np.round(np.linspace(eta["start"], eta["stop"], eta["num"]), 12)
-
-
-def run(
-    params: Mapping[str, Any], specs: list[_SweepSpec], output: RunOutput, progress: bool = True
-) -> RunReport:
-    """Runs the two-neuron study from resolved config keys (see :data:`SCHEMA`) and its
-    sweeps ``specs`` (from :func:`plan`).
-
-    Float64 is enabled for the duration (curvature and ``eta_E`` are always float64; the
-    trajectories use ``params["dtype"]``).
-    """
-    with jax.enable_x64(True):
-        return _run(params, specs, output, progress)
-
-
-def _run(
-    params: Mapping[str, Any], specs: list[_SweepSpec], output: RunOutput, progress: bool
-) -> RunReport:
-    ws, basin = params["weak_stability"], params["basin"]
+def compute(params: Mapping[str, Any], specs: list[_SweepSpec], steps: RunSteps) -> _Computed:
+    """The study's computations from resolved config keys (see :data:`SCHEMA`) and its sweeps
+    ``specs`` (from :func:`plan`): ``M_WS`` along M, ``eta_E``, then the sweeps of Figure 1,
+    Figure 2 and the basin map. Runs with float64 enabled (the run's ``compute`` step):
+    curvature and ``eta_E`` are always float64; the trajectories use ``params["dtype"]``."""
+    ws = params["weak_stability"]
     *portrait_specs, trapping_spec, basin_spec = specs
     etas = trapping_spec.etas
-    timings = {}
 
-    tic = time.perf_counter()
-    profile = minima_profile(
-        branches=ws["branches"],
-        log_extent=ws["log_extent"],
-        points=ws["points"],
-        criterion=ws["criterion"],
-    )
-    eta_curve = np.linspace(min(etas[0], ws["reference_eta"]), etas[-1], ws["curve_points"])
-    reference_length = float(weakly_stable_length(profile, [ws["reference_eta"]])[0])
-    length_curve = weakly_stable_length(profile, eta_curve) / reference_length
-    mws_length = weakly_stable_length(profile, etas)
-    timings["weak_stability"] = time.perf_counter() - tic
+    with steps.timed("weak_stability"):
+        profile = minima_profile(
+            branches=ws["branches"],
+            log_extent=ws["log_extent"],
+            points=ws["points"],
+            criterion=ws["criterion"],
+        )
+        eta_curve = np.linspace(min(etas[0], ws["reference_eta"]), etas[-1], ws["curve_points"])
+        reference_length = float(weakly_stable_length(profile, [ws["reference_eta"]])[0])
+        length_curve = weakly_stable_length(profile, eta_curve) / reference_length
+        mws_length = weakly_stable_length(profile, etas)
+    with steps.timed("critical_step_size"):
+        critical = critical_step_size(
+            linear.two_neuron(jnp.float64), **params["critical_step_size"]
+        )
 
-    tic = time.perf_counter()
-    critical = critical_step_size(linear.two_neuron(jnp.float64), **params["critical_step_size"])
-    timings["critical_step_size"] = time.perf_counter() - tic
-
-    ctx = _Context(
-        jnp.dtype(params["dtype"]), params["engine"], profile, ws["criterion"], progress, output
-    )
+    ctx = _Sweeping(jnp.dtype(params["dtype"]), params["engine"], ws["criterion"])
     arrays: dict[str, Any] = {
         "minima_xy": profile.xy,
         "minima_arclength": profile.arclength,
@@ -715,55 +612,76 @@ def _run(
         "sweep_mws_length": mws_length,
         "sweep_mws_length_normalised": mws_length / reference_length,
     }
-    tic = time.perf_counter()
-    figure1, portrait_arrays, portrait_summaries = _phase_portraits(ctx, portrait_specs)
-    arrays.update(portrait_arrays)
-    timings["portraits"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    arrays.update(_trapping_region(ctx, trapping_spec))
-    timings["sweep"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    arrays.update(_basin_map(ctx, basin_spec))
-    timings["basin"] = time.perf_counter() - tic
-    output.write_arrays("results", arrays)
+    with steps.timed("portraits"):
+        portrait_arrays, portrait_summaries = _phase_portraits(portrait_specs, ctx, steps)
+        arrays.update(portrait_arrays)
+    with steps.timed("sweep"):
+        arrays.update(_trapping_region(trapping_spec, ctx, steps))
+    with steps.timed("basin"):
+        arrays.update(_basin_map(basin_spec, ctx, steps))
+    return _Computed(arrays, profile, critical, reference_length, portrait_summaries)
 
-    tic = time.perf_counter()
-    dpi = params["figures"]["dpi"]
-    fraction, status = arrays["sweep_converged_fraction"], arrays["sweep_status"]
-    output.save_figure(figure1, "figure1_phase_portraits", dpi=dpi)
-    figure2 = figures.weak_stability_vs_trapping(
-        eta_curve,
-        length_curve,
-        etas,
-        fraction,
-        critical.eta,
+
+def _minima_at(profile: MinimaProfile, eta: float) -> figures.MinimaCurve:
+    return figures.MinimaCurve(profile.xy, profile.thresholds > eta)
+
+
+def draw_figures(
+    params: Mapping[str, Any], specs: list[_SweepSpec], computed: _Computed
+) -> Iterator[tuple[str, Any]]:
+    """Figure 1 (``figure1_phase_portraits``), Figure 2 (``figure2_weak_stability``) and the
+    basin map (``basin_map``), each drawn when the run saves it."""
+    arrays, profile, ws = computed.arrays, computed.profile, params["weak_stability"]
+    panels = [
+        figures.PortraitPanel(
+            float(spec.etas[0]),
+            spec.region,
+            arrays[f"portrait{i}_paths"],
+            arrays[f"portrait{i}_status"],
+            _minima_at(profile, float(spec.etas[0])),
+        )
+        for i, spec in enumerate(specs[:-2])
+    ]
+    yield "figure1_phase_portraits", figures.phase_portraits(panels)
+    yield "figure2_weak_stability", figures.weak_stability_vs_trapping(
+        arrays["curve_eta"],
+        arrays["curve_mws_length_normalised"],
+        arrays["sweep_eta"],
+        arrays["sweep_converged_fraction"],
+        computed.critical.eta,
         reference_eta=ws["reference_eta"],
-        reference_length=reference_length,
+        reference_length=computed.reference_length,
         criterion=ws["criterion"],
     )
-    output.save_figure(figure2, "figure2_weak_stability", dpi=dpi)
-    basin_figure = figures.basin_map(
+    basin = params["basin"]
+    yield "basin_map", figures.basin_map(
         basin["region"],
         arrays["basin_status"],
         arrays["basin_steps_taken"],
         basin["eta"],
-        ctx.minima_at(basin["eta"]),
+        _minima_at(profile, basin["eta"]),
     )
-    output.save_figure(basin_figure, "basin_map", dpi=dpi)
-    timings["figures"] = time.perf_counter() - tic
 
+
+def report(params: Mapping[str, Any], specs: list[_SweepSpec], computed: _Computed) -> RunReport:
+    """``summary.json`` and the terminal table: per step size of Figure 2, the status
+    fractions and ``|M_WS(eta)|``; ``eta_E``; the portraits and the basin map."""
+    ws, basin, arrays = params["weak_stability"], params["basin"], computed.arrays
+    critical, reference_length = computed.critical, computed.reference_length
+    etas, mws_length = arrays["sweep_eta"], arrays["sweep_mws_length"]
+    fraction, status = arrays["sweep_converged_fraction"], arrays["sweep_status"]
     per_eta = [
         {
             "eta": float(eta),
             "converged_fraction": float(fraction[k]),
-            "status_fractions": _status_fractions(status[k]),
+            "status_fractions": status_fractions(status[k]),
             "mws_length": float(mws_length[k]),
             "mws_length_normalised": float(mws_length[k] / reference_length),
             "converged_outside_mws_fraction": float(arrays["sweep_converged_outside_mws"][k]),
         }
         for k, eta in enumerate(etas)
     ]
-    basin_fractions = _status_fractions(arrays["basin_status"])
+    basin_fractions = status_fractions(arrays["basin_status"])
     summary = {
         "eta_E": {
             "computed": critical.eta,
@@ -777,20 +695,18 @@ def _run(
             "reference_length": reference_length,
         },
         "per_eta": per_eta,
-        "portraits": portrait_summaries,
+        "portraits": computed.portraits,
         "basin": {
             "eta": basin["eta"],
             "starts": int(arrays["basin_status"].size),
             "status_fractions": basin_fractions,
             "converged_outside_mws_fraction": float(arrays["basin_converged_outside_mws"][0]),
         },
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    names = [code.name.lower() for code in figures.STATUS_STYLE]
     rows = [
         [
             p["eta"],
-            *(p["status_fractions"][s] for s in names),
+            *status_cells(p["status_fractions"]),
             p["mws_length"],
             p["mws_length_normalised"],
         ]
@@ -803,7 +719,7 @@ def _run(
         f"basin map at eta = {basin['eta']:g}: "
         + ", ".join(f"{k} {figures.share(v)}" for k, v in basin_fractions.items() if v > 0),
     ]
-    outside = arrays["sweep_converged_outside_mws"] * arrays["sweep_status"].shape[1]
+    outside = arrays["sweep_converged_outside_mws"] * status.shape[1]
     if outside.any():
         notes.append(
             f"note: {int(outside.sum())} trajectories of the sweep were classified as converged "
@@ -811,14 +727,29 @@ def _run(
             + ", ".join(f"{e:g}" for e in etas[outside > 0])
             + "): they passed within the engine's tolerances of M; see docs/reproduction.md"
         )
-    headers = ["eta", *_SHORT_NAMES, "|M_WS|", "|M_WS|/ref"]
+    headers = ["eta", *_skeleton.STATUS_HEADERS, "|M_WS|", "|M_WS|/ref"]
     return RunReport(summary=summary, headers=headers, rows=rows, notes=notes)
 
 
-EXPERIMENT = Experiment(
+def describe(params: Mapping[str, Any], specs: list[_SweepSpec]) -> list[PlannedSweep]:
+    """The sweeps of the study, from :func:`plan` (for ``gdlr run --dry-run``)."""
+    return [
+        PlannedSweep(
+            spec.name, spec.etas.size * spec.starts**2, spec.steps,
+            f"{spec.etas.size} step size{'s' * (spec.etas.size > 1)} x {spec.starts}^2 starts",
+        )
+        for spec in specs
+    ]
+
+
+EXPERIMENT = _skeleton.experiment(
     name="two_neuron",
     summary="the worked example 1/2 (1 - xy)^2: Figures 1 and 2 and a basin map",
     schema=SCHEMA,
     plan=plan,
-    run=run,
+    compute=compute,
+    figures=draw_figures,
+    report=report,
+    enable_x64=lambda params: True,  # curvature and eta_E are always float64
+    describe=describe,
 )

@@ -348,9 +348,8 @@ def _factor(
         return [target]
     j = _split_index(widths)
     d0, dj, dm = widths[0], widths[j], widths[-1]
-    m = min(dj, d0)
     mixing = jnp.exp(coords["log_scale"]) * coords["H"]
-    row_basis_b = jnp.concatenate([row_basis, coords["S"]], axis=0)  # (m, d0)
+    row_basis_b = jnp.concatenate([row_basis, coords["S"]], axis=0)  # (min(dj, d0), d0)
     b = mixing @ row_basis_b  # (dj, d0), row space contains that of target
     b_pinv = jnp.linalg.pinv(b)
     a = target @ b_pinv  # (dm, dj)

@@ -18,6 +18,10 @@ Losses, for ``n`` examples, ``C`` classes, logits ``f(x_i)`` and one-hot targets
 * ``"mse"``: ``L = 1/(n C) sum_i sum_c (f_c(x_i) - [y_i = c])^2``, the mean over all ``n C``
   entries (``jnp.mean(optax.squared_error(...))``, the same as PyTorch's ``nn.MSELoss()`` on
   one-hot targets);
+* ``"mse_sum"``: ``L = 1/n sum_i sum_c (f_c(x_i) - [y_i = c])^2 = C * mse``, summed over the
+  outputs and averaged over the examples (``nn.MSELoss(reduction="sum") / n``). Its Hessian,
+  hence every step-size threshold ``2 / lambda``, differs from ``"mse"``'s by the factor ``C``
+  (2 for a pair of digits): ``eta`` on ``"mse_sum"`` is ``C eta`` on ``"mse"``;
 * ``"cross_entropy"``: ``L = 1/n sum_i (logsumexp_c f_c(x_i) - f_{y_i}(x_i))``
   (``optax.softmax_cross_entropy_with_integer_labels``, mean over the batch).
 
@@ -49,7 +53,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 __all__ = ["LOSSES", "MLP", "Batch", "Params", "init_mlp_params", "mlp_apply", "mlp_loss"]
 
-LOSSES = ("mse", "cross_entropy")
+LOSSES = ("mse", "mse_sum", "cross_entropy")
 
 Params = nnx.State  # the nnx.Param state of an MLP; leaves (n_init, ...) when batched
 Batch = tuple[Float[Array, "n d_in"], Int[Array, " n"]]
@@ -275,7 +279,9 @@ def mlp_loss(
     Args:
         graphdef: from :func:`init_mlp_params` (or ``nnx.split(model, nnx.Param)``).
         loss: ``"mse"``, ``L = 1/(n C) sum_i ||f(x_i) - e_{y_i}||^2`` (mean over all ``n C``
-            entries against one-hot targets), or ``"cross_entropy"``,
+            entries against one-hot targets), ``"mse_sum"``,
+            ``L = 1/n sum_i ||f(x_i) - e_{y_i}||^2`` (sum over the ``C`` outputs, mean over
+            the examples: ``C`` times ``"mse"``), or ``"cross_entropy"``,
             ``L = 1/n sum_i -log softmax(f(x_i))_{y_i}``.
         num_classes: ``C``, which must equal the MLP's ``out_features``.
 
@@ -312,9 +318,12 @@ def mlp_loss(
                 f"images {images.shape}, got {labels.dtype} {labels.shape}."
             )
         logits = model(images)
-        if loss == "mse":
+        if loss in ("mse", "mse_sum"):
             targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-            return jnp.mean(optax.squared_error(logits, targets))
+            squared = optax.squared_error(logits, targets)  # (n, C)
+            if loss == "mse":
+                return jnp.mean(squared)
+            return jnp.mean(jnp.sum(squared, axis=-1))
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
     return loss_fn

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +55,19 @@ def linear_network_at_minimum(widths=(4, 3, 3, 2), n: int = 9, seed: int = 0):
     jacobian = jax.jit(jax.jacfwd(chart))(flat_coords)
     u, _, _ = np.linalg.svd(np.asarray(jacobian))
     return net, net.minimum_from_coordinates(coords), jnp.asarray(u[:, : net.minima_dim].T)
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[float]]:
+    """Collects one entry per XLA backend compilation inside the block (``jax.monitoring``)."""
+    compilations: list[float] = []
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compilations.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compilations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

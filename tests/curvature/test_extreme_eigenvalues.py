@@ -1,4 +1,5 @@
-"""Top, bottom and smallest non-zero eigenvalues and the spectrum of DG, against dense eigh."""
+"""Top, bottom and smallest non-zero eigenvalues and the spectrum of DG, against dense eigh;
+the tolerance stop, the result type, pytree eigenvectors, one compilation per call pattern."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from curvature_cases import SPECTRUM, linear_network_at_minimum, small_mlp, symmetric_with_spectrum
+from curvature_cases import (
+    SPECTRUM,
+    count_compilations,
+    linear_network_at_minimum,
+    small_mlp,
+    symmetric_with_spectrum,
+)
 from hypothesis import given, settings
 from jax.flatten_util import ravel_pytree
 from strategies import linear_networks
@@ -28,10 +35,74 @@ def test_top_and_bottom_of_an_mlp_hessian_match_dense_eigh():
     loss = lambda p: loss_fn(p, batch)  # noqa: E731
     dense = np.asarray(g.hessian(loss, params))
     exact = np.linalg.eigvalsh(dense)
-    values, vectors = g.top_eigenvalues(loss, params, 4, return_vectors=True)
+    values, vectors = g.top_eigenvalues(loss, params, 4, return_vectors=True, flat_vectors=True)
     np.testing.assert_allclose(values, exact[::-1][:4], rtol=1e-8)
     np.testing.assert_allclose(vectors @ dense, values[:, None] * vectors, atol=1e-7)
     np.testing.assert_allclose(g.bottom_eigenvalues(loss, params, 2), exact[:2], rtol=1e-8)
+
+
+def test_eigenvectors_are_pytrees_like_params_and_warm_start_as_v0():
+    loss_fn, params, batch = small_mlp()
+    loss = lambda p: loss_fn(p, batch)  # noqa: E731
+    pairs = g.extreme_eigenpairs(loss, params, 2, return_vectors=True)
+    flat = g.extreme_eigenpairs(loss, params, 2, return_vectors=True, flat_vectors=True)
+    assert jax.tree.structure(pairs.eigenvectors) == jax.tree.structure(params)
+    for vec, leaf in zip(jax.tree.leaves(pairs.eigenvectors), jax.tree.leaves(params)):
+        assert vec.shape == (2,) + leaf.shape
+    rows = jnp.stack(
+        [ravel_pytree(jax.tree.map(lambda x, i=i: x[i], pairs.eigenvectors))[0] for i in (0, 1)]
+    )
+    np.testing.assert_array_equal(rows, flat.eigenvectors)
+    # the top eigenvector as a pytree warm-starts a new run, which stops at once
+    top = jax.tree.map(lambda x: x[0], pairs.eigenvectors)
+    warm = g.extreme_eigenpairs(loss, params, 1, v0=top)
+    np.testing.assert_allclose(warm.eigenvalues, pairs.eigenvalues[:1], rtol=1e-10)
+    assert int(warm.num_products) < int(pairs.num_products)
+
+
+def test_the_tolerance_stop_reports_what_it_reached():
+    """rtol=1e-6: stops before the iteration budget with the wanted pairs converged, their
+    bounds honest (true residuals below them) and the eigenvalues right to ~bound^2/gap;
+    rtol=0: every iteration."""
+    dense = np.asarray(H)
+    pairs = g.extreme_eigenpairs(H, k=3, rtol=1e-6, num_iterations=50, return_vectors=True)
+    assert bool(jnp.all(pairs.converged))
+    assert 3 <= int(pairs.num_products) < 50
+    scale = np.abs(SPECTRUM).max()
+    assert np.all(np.asarray(pairs.residual_bounds) <= 1e-6 * scale * (1 + 1e-12))
+    y = np.asarray(pairs.eigenvectors)
+    true = np.linalg.norm(y @ dense - np.asarray(pairs.eigenvalues)[:, None] * y, axis=1)
+    assert np.all(true <= np.asarray(pairs.residual_bounds) * (1 + 1e-6) + 1e-13)
+    np.testing.assert_allclose(pairs.eigenvalues, [5.0, 4.5, 4.0], rtol=1e-8)
+    full = g.extreme_eigenpairs(H, k=3, rtol=0, num_iterations=50)
+    assert int(full.num_products) == 50 and not bool(jnp.any(full.converged))
+    block = g.extreme_eigenpairs(H, k=3, which="bottom", block_size=2)
+    np.testing.assert_allclose(block.eigenvalues, [-12.0, -3.0, -3.0], rtol=1e-8)
+    assert int(block.num_products) % 2 == 0
+
+
+def test_repeated_eager_calls_compile_once():
+    """The documented eager use: after the first call, new params (same shapes), a new v0, key
+    or rtol compile nothing; a new k or dtype compiles once more."""
+    loss_fn, params, batch = small_mlp()
+    loss = lambda p: loss_fn(p, batch)  # noqa: E731
+    g.top_eigenvalues(loss, params, 2)
+    g.stochastic_lanczos_quadrature(loss, params, num_iterations=6, num_probes=3)
+    g.lanczos(loss, params, num_iterations=6)
+    moved = jax.tree.map(lambda x: 1.01 * x, params)
+    with count_compilations() as compilations:
+        for i, point in enumerate((params, moved, params)):
+            jax.block_until_ready(g.top_eigenvalues(loss, point, 2, key=jax.random.key(i)))
+            jax.block_until_ready(g.extreme_eigenpairs(loss, point, 2, rtol=1e-5 * (i + 1)))
+            g.stochastic_lanczos_quadrature(
+                loss, point, num_iterations=6, num_probes=3, key=jax.random.key(i)
+            )
+            g.lanczos(loss, point, num_iterations=6)
+    assert compilations == []
+    with count_compilations() as compilations:
+        g.top_eigenvalues(loss, params, 3)
+        g.top_eigenvalues(loss, params, 3)
+    assert len(compilations) == 1
 
 
 def test_matvec_operator_with_flat_params():
@@ -54,7 +125,9 @@ def test_tracking_along_trajectories_under_jit_and_vmap_with_warm_starts():
 
     def sharpness(p, v0):
         traces.append(None)
-        value, vector = g.top_eigenvalues(loss, p, 1, v0=v0, num_iterations=30, return_vectors=True)
+        value, vector = g.top_eigenvalues(
+            loss, p, 1, v0=v0, num_iterations=30, return_vectors=True, flat_vectors=True
+        )
         return value[0], vector[0]
 
     run = jax.jit(jax.vmap(sharpness))
@@ -141,3 +214,11 @@ def test_bad_input():
         ValueError, match=r"operator: a callable must be a loss .* output of shape \(3,\)"
     ):
         g.top_eigenvalues(lambda p: p["w"][0], {"w": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match="which must be one of \\('top', 'bottom'\\), got 'LA'"):
+        g.extreme_eigenpairs(H, k=1, which="LA")
+    with pytest.raises(ValueError, match="must be symmetric"):
+        g.top_eigenvalues(jnp.array([[0.0, 1.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"v0: a pytree start must have the structure of params"):
+        g.top_eigenvalues(loss, params, v0=jax.tree.map(lambda x: x[..., :1], params))
+    with pytest.raises(ValueError, match="zero_rtol must be a non-negative number or None"):
+        g.smallest_nonzero_eigenvalue(H, zero_rtol=-1.0)

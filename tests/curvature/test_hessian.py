@@ -30,7 +30,7 @@ def test_hessian_of_a_pytree_quadratic():
 def test_spectrum_counts_and_tolerance():
     lam = jnp.array([-2.0, -1e-17, 0.0, 3e-16, 1e-6, 5.0])
     np.testing.assert_array_equal(gj.spectrum_counts(lam), [1, 3, 2])
-    np.testing.assert_array_equal(gj.spectrum_counts(lam, rtol=1e-6), [1, 4, 1])
+    np.testing.assert_array_equal(gj.spectrum_counts(lam, zero_rtol=1e-6), [1, 4, 1])
     batch = jnp.stack([lam, -lam])
     np.testing.assert_array_equal(gj.spectrum_counts(batch), [[1, 3, 2], [2, 3, 1]])
     np.testing.assert_array_equal(jax.jit(gj.spectrum_counts)(lam), [1, 3, 2])
@@ -59,5 +59,5 @@ def test_bad_input():
         gj.hessian(lambda p: jnp.sum(p), jnp.arange(3))
     with pytest.raises(ValueError, match="at least one axis"):
         gj.spectrum_counts(jnp.array(1.0))
-    with pytest.raises(ValueError, match="rtol must be a non-negative number"):
-        gj.spectrum_counts(jnp.ones(3), rtol=-1.0)
+    with pytest.raises(ValueError, match="zero_rtol must be a non-negative number, got -1.0"):
+        gj.spectrum_counts(jnp.ones(3), zero_rtol=-1.0)

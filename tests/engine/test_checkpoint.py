@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -223,12 +226,95 @@ def test_a_folder_of_another_sweep_is_refused_naming_what_differs(tmp_path):
         gdlr_jax.sweep(**GD, checkpoint_dir=folder)
 
 
-def test_fingerprint_ignores_the_device_list_but_not_the_dtype():
+def test_fingerprint_holds_the_devices_and_the_dtype():
     one = sweep_fingerprint(gdlr_jax.plan_sweep(**GD, devices=jax.local_devices()[:1]))
-    assert one == sweep_fingerprint(gdlr_jax.plan_sweep(**GD))
+    assert one["devices"] == 1 and one["device_kind"] == jax.local_devices()[0].device_kind
     f32 = sweep_fingerprint(gdlr_jax.plan_sweep(**{**GD, "dtype": jnp.float32}))
     assert {k for k in one if one[k] != f32[k]} == {"etas", "params0", "loss_jaxpr"}
     json.dumps(one)  # JSON-compatible
+
+
+_DEVICES_SCRIPT = """
+import json, sys
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+import gdlr_jax
+from gdlr_jax.engine._checkpoint import ChunkStore, CheckpointMismatchError, sweep_fingerprint
+loss = lambda p: 0.5 * (1.0 - p[0] * p[1]) ** 2
+kwargs = dict(params0=np.ones((8, 2)) * 0.5, etas=[0.4, 1.0], steps=50, chunk_size=4)
+plans = [gdlr_jax.plan_sweep(loss, **kwargs, devices=jax.devices()[:n]) for n in (1, 2)]
+one, two = (sweep_fingerprint(p) for p in plans)
+ChunkStore(sys.argv[1], plans[0])
+try:
+    ChunkStore(sys.argv[1], plans[1])
+    refused = ""
+except CheckpointMismatchError as err:
+    refused = str(err)
+print(json.dumps([sorted(k for k in one if one[k] != two[k]), refused]))
+"""
+
+
+def test_a_resume_on_another_device_count_is_refused(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(tmp_path / "ck")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    differ, refused = json.loads(done.stdout.strip().splitlines()[-1])
+    assert differ == ["devices"]
+    assert "holds chunks of a different sweep (devices: saved 1, now 2)" in refused
+
+
+def _crafted(chunk, name, change):
+    return chunk._replace(**{name: change(getattr(chunk, name))})
+
+
+def test_crafted_chunk_files_are_checked_against_the_plan(tmp_path, run_chunk_calls):
+    kwargs = {**GD, "chunk_size": 3}  # 5 chunks
+    reference = gdlr_jax.sweep(**kwargs, checkpoint_dir=tmp_path)
+    plan = gdlr_jax.plan_sweep(**kwargs)
+    store = ChunkStore(tmp_path, plan)
+    crafted = {
+        "field final_loss holds float16 (), the plan makes float64 ()":
+            ("final_loss", lambda x: x.astype(np.float16)),
+        "field final_params holds float64 (2,), float64 (), the plan makes float64 (), "
+        "float64 ()": ("final_params", lambda p: {**p, "x": np.stack([p["x"]] * 2, 1)}),
+        "field status holds codes outside": ("status", lambda x: x + 100),
+        "field steps_taken holds counts outside 0..300": ("steps_taken", lambda x: x + 1000),
+        "field final_sharpness is not planned": ("final_sharpness", lambda _: np.zeros(3)),
+    }
+    for index, (name, change) in enumerate(crafted.values()):
+        store.save(index, _crafted(store.load(index), name, change))
+    run_chunk_calls.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = gdlr_jax.sweep(**kwargs, checkpoint_dir=tmp_path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == len(crafted)
+    for index, why in enumerate(crafted):
+        assert f"chunk-{index:05d}.npz is unusable (ValueError: {why}" in messages[index]
+    assert run_chunk_calls == [0, 1, 2, 3, 4]
+    assert_identical(resumed, reference)
+
+
+def test_damaged_checkpoint_folders_are_refused_in_one_line(tmp_path):
+    plan = gdlr_jax.plan_sweep(**GD)
+    (tmp_path / "checkpoints").write_text("a file")
+    with pytest.raises(CheckpointMismatchError, match=r"^checkpoint folder .*checkpoints/sweep "
+                       r"cannot be made: .*; pass another checkpoint folder, or delete"):
+        ChunkStore(tmp_path / "checkpoints" / "sweep", plan)
+    folder = tmp_path / "ck"
+    ChunkStore(folder, plan)
+    for text in (b"[1, 2]", b'{"format": 1, "fingerprint": [1]}', b"\xff\xfe{", b'{"form'):
+        (folder / "sweep.json").write_bytes(text)
+        with pytest.raises(CheckpointMismatchError, match=r"^cannot read .*sweep.json \("):
+            ChunkStore(folder, plan)
+    (folder / "sweep.json").unlink()
+    store = ChunkStore(folder, plan)
+    store.path(0).mkdir()
+    with pytest.raises(CheckpointMismatchError, match=r"chunk-00000.npz is a folder, not a "
+                       r"chunk file, so chunk 0 cannot be saved; remove it"):
+        gdlr_jax.sweep(**GD, checkpoint_dir=folder)
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):

@@ -172,3 +172,20 @@ def test_every_key_of_the_blamed_part_gets_a_value_or_a_clear_alternative():
         check_host_memory(crowded, limit=4 * GiB)
     with pytest.raises(ConfigError, match=r"lower the sizes of the other parts first\.$"):
         check_host_memory([_need("x", 10, 5, 5), _need("y", 10, 6, 6)], limit=4 * GiB)
+
+
+# ----- the probe ----------------------------------------------------------------------------
+def test_host_available_bytes_is_psutils_available_memory(monkeypatch):
+    import psutil
+
+    from gdlr_jax.engine import _memory
+
+    available = _memory.host_available_bytes()
+    assert 0 < available <= psutil.virtual_memory().total
+    assert abs(available - psutil.virtual_memory().available) < 256 << 20  # other processes
+
+    def unsupported():
+        raise NotImplementedError("not on this platform")
+
+    monkeypatch.setattr(psutil, "virtual_memory", unsupported)
+    assert _memory.host_available_bytes() is None  # unknown: the checks are skipped

@@ -13,7 +13,7 @@ import pytest
 import gdlr_jax
 from gdlr_jax import ConvergenceCriteria, TrajectoryStatus
 from gdlr_jax.engine._minibatches import epoch_permutation, minibatch
-from gdlr_jax.engine._kernel import run_sharded
+from gdlr_jax.engine._sharding import run_sharded
 from gdlr_jax.engine._trajectory_status import orbit_summary
 
 S = TrajectoryStatus

@@ -1,5 +1,6 @@
-"""The engine on 4 (forced host) devices gives the results of 1 device, bit for bit, and a
-sweep checkpointed on 1 device resumes on 4 with the same results.
+"""The engine on 4 (forced host) devices gives the results of 1 device, bit for bit (for
+these elementwise losses), and a sweep checkpointed on 1 device is refused on 4 (the device
+count is part of the fingerprint) and resumes on 1 with the same results.
 
 ``--xla_force_host_platform_device_count`` must be set before JAX starts, so the comparison
 runs in a fresh Python process.
@@ -18,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np, optax
     jax.config.update("jax_enable_x64", True)
     import gdlr_jax
-    from gdlr_jax.engine._checkpoint import ChunkStore
+    from gdlr_jax.engine._checkpoint import CheckpointMismatchError, ChunkStore
 
     devices = jax.local_devices()
     assert len(devices) == 4, devices
@@ -62,14 +63,43 @@ SCRIPT = textwrap.dedent(
         assert_identical(one, four, name)
         print(name, "statuses", sorted(set(np.asarray(one.status).ravel().tolist())))
 
-    # chunks 0 and 1 saved by a sweep on one device; the rest run on four when resumed
+    # a matmul loss: statuses and step counts equal, values equal to rounding (XLA picks the
+    # dot kernel by the number of trajectories per device; docs/engine.md, Precision and
+    # reproducibility: measured 1.5 eps in float32, 2.1 eps in float64)
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(64, 10))
+    ys = np.tanh(xs @ rng.normal(size=(10, 3)))
+
+    def mlp(p):
+        h = jnp.tanh(xs.astype(p["w1"].dtype) @ p["w1"])
+        return 0.5 * jnp.mean((h @ p["w2"] - ys.astype(p["w1"].dtype)) ** 2)
+
+    p0 = {"w1": 0.5 * rng.normal(size=(8, 10, 16)), "w2": 0.5 * rng.normal(size=(8, 16, 3))}
+    for dtype in (jnp.float32, jnp.float64):
+        kwargs = dict(loss_fn=mlp, params0=p0, etas=np.linspace(0.05, 3.0, 6), steps=300,
+                      dtype=dtype)
+        one = gdlr_jax.sweep(devices=devices[:1], **kwargs)
+        four = gdlr_jax.sweep(devices=devices, chunk_size=16, **kwargs)
+        np.testing.assert_array_equal(one.status, four.status)
+        np.testing.assert_array_equal(one.steps_taken, four.steps_taken)
+        np.testing.assert_allclose(four.final_loss, one.final_loss,
+                                   rtol=16 * np.finfo(dtype).eps)
+
+    # chunks 0 and 1 saved by a sweep on one device: a resume on four is refused (values of
+    # matmul losses may differ in the last bits between device counts: never mixed), a
+    # resume on one device loads them
     kwargs = dict(cases["gd float64"], chunk_size=4, record_every=7)
     folder = pathlib.Path(tempfile.mkdtemp()) / "checkpoints"
     plan = gdlr_jax.plan_sweep(devices=devices[:1], **kwargs)
     store = ChunkStore(folder, plan)
     for index in range(2):
         store.save(index, plan.run_chunk(index))
-    resumed = gdlr_jax.sweep(devices=devices, checkpoint_dir=folder, **kwargs)
+    try:
+        gdlr_jax.sweep(devices=devices, checkpoint_dir=folder, **kwargs)
+        raise AssertionError("chunks of one device were resumed on four")
+    except CheckpointMismatchError as err:
+        assert "devices: saved 1, now 4" in str(err), err
+    resumed = gdlr_jax.sweep(devices=devices[:1], checkpoint_dir=folder, **kwargs)
     assert_identical(gdlr_jax.sweep(devices=devices[:1], **kwargs), resumed, "resumed")
     print("IDENTICAL")
     """
@@ -90,3 +120,20 @@ def test_four_devices_equal_one_device():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "IDENTICAL" in out.stdout
     assert "statuses [0, 1, 2, 3, 4]" in out.stdout  # every status was exercised
+
+
+def test_gdlr_sets_the_vector_width_flag_only_on_avx512(monkeypatch):
+    """The ``gdlr`` entry point adds ``--xla_cpu_prefer_vector_width=512`` before jax starts,
+    only where the CPU has AVX-512 and ``XLA_FLAGS`` does not choose a width itself."""
+    import _gdlr_entry
+
+    for has_avx512, flags, expected in [
+        (True, "", "--xla_cpu_prefer_vector_width=512"),
+        (True, "--xla_foo=1", "--xla_foo=1 --xla_cpu_prefer_vector_width=512"),
+        (True, "--xla_cpu_prefer_vector_width=256", "--xla_cpu_prefer_vector_width=256"),
+        (False, "--xla_foo=1", "--xla_foo=1"),
+    ]:
+        monkeypatch.setattr(_gdlr_entry, "_cpu_has_avx512", lambda has=has_avx512: has)
+        environ = {"XLA_FLAGS": flags}
+        _gdlr_entry.prefer_wide_vectors(environ)
+        assert environ["XLA_FLAGS"] == expected

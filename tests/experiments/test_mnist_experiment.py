@@ -17,14 +17,20 @@ from flax import nnx
 
 from gdlr_jax import ConvergenceCriteria, TrajectoryStatus, sweep
 from gdlr_jax.data import load_mnist
-from gdlr_jax.experiments.config import ConfigError, get_experiment, load_config, schema_entries
+from gdlr_jax.experiments import figures
+from gdlr_jax.experiments.config import (
+    ConfigError,
+    get_experiment,
+    load_config,
+    schema_entries,
+)
 from gdlr_jax.experiments.mnist import (
     bounded_mean,
     collapse_step_size,
     load_data,
     mlp_problem,
 )
-from gdlr_jax.experiments.runner import run_config
+from gdlr_jax.experiments.runner import RUN_MARKER, run_config
 from gdlr_jax.mlp import MLP
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -47,7 +53,7 @@ def _png_size(path: pathlib.Path) -> tuple[int, int]:
 
 def _check_run_folder(path: pathlib.Path, depths: list[int]) -> dict:
     figures = ["convergence"] + [f"heatmaps_depth{d}" for d in depths]
-    expected = {"config.yaml", "results.npz", "summary.json"}
+    expected = {RUN_MARKER, "config.yaml", "results.npz", "summary.json"}
     expected |= {f"{stem}.{ext}" for stem in figures for ext in ("png", "pdf")}
     assert {p.name for p in path.iterdir()} == expected
     assert _png_size(path / "convergence.png") == (10 * DPI, int(4.4 * DPI))
@@ -59,6 +65,7 @@ def _check_run_folder(path: pathlib.Path, depths: list[int]) -> dict:
 
 
 # ----- end to end -----------------------------------------------------------------------------
+@pytest.mark.slow  # an end-to-end run (MNIST MLPs trained)
 def test_gelu_mse_gd_config_end_to_end(mnist_dir, tmp_path):
     config = _config(
         "mnist_gelu_mse_cpu",
@@ -98,6 +105,7 @@ def test_gelu_mse_gd_config_end_to_end(mnist_dir, tmp_path):
     assert summary["criterion"]["grad_tol"] == 5e-3  # the config's criterion, recorded
 
 
+@pytest.mark.slow  # an end-to-end run (MNIST MLPs trained)
 def test_relu_cross_entropy_sgd_config_end_to_end(mnist_dir, tmp_path):
     config = _config(
         "mnist_relu_ce_sgd_cpu",
@@ -121,6 +129,7 @@ def test_relu_cross_entropy_sgd_config_end_to_end(mnist_dir, tmp_path):
     assert summary["depths"][0]["per_eta"][1]["status_fractions"]["diverged"] == 1.0
 
 
+@pytest.mark.slow  # an end-to-end run (MNIST MLPs trained)
 def test_float64_config_runs_in_float64_end_to_end(mnist_dir, tmp_path):
     """``dtype: float64``: losses and recordings are float64 (``float32``: float32), and two
     runs of a config give identical arrays. (The initialisations are drawn in the config's
@@ -150,6 +159,7 @@ def _flax_loss(model: MLP, images, labels, loss: str):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+@pytest.mark.slow  # three MLPs on MNIST compiled twice each, by the engine and by Flax
 @pytest.mark.parametrize(
     "loss, activation, batch_size",
     [("mse", "gelu", 0), ("cross_entropy", "relu", 0), ("cross_entropy", "relu", 16)],
@@ -212,7 +222,6 @@ def test_engine_step_equals_a_flax_training_step(mnist_dir, loss, activation, ba
         ("model.activation=swish", "config key 'model.activation' has value 'swish'; allowed: "
          "one of 'gelu', 'relu', 'tanh', 'sigmoid'"),
         ("training.record_every=5000", "record_every = 5000 must be <= steps = 2000"),
-        ("data.data_dir=''", "source 'idx' needs data_dir"),
     ],
 )
 def test_bad_config_values_are_named(override, message):
@@ -243,7 +252,7 @@ def test_cpu_configs_are_shrunk_copies_of_the_gpu_configs():
     for figure in ("gelu_mse", "relu_ce_sgd"):
         cpu = load_config(CONFIGS / f"mnist_{figure}_cpu.yaml").params
         gpu = load_config(CONFIGS / f"mnist_{figure}_gpu.yaml").params
-        assert cpu["data"]["data_dir"] == "../shared/data/mnist-sample"
+        assert cpu["data"]["data_dir"] == gpu["data"]["data_dir"] == ""  # --data-dir, env
         assert gpu["training"]["n_init"] == 100 and max(gpu["model"]["depths"]) == 16
         assert gpu["data"]["max_examples"] == 0  # every 0 and 1 available
         for section, same in (
@@ -283,3 +292,39 @@ def test_collapse_step_size():
     assert collapse_step_size(etas, [1.0, 0.0, 0.2, 0.0]) == 2.0  # a late converging one counts
     assert collapse_step_size(etas, [0.0, 0.0, 0.0, 0.0]) == 0.1
     assert collapse_step_size(etas, [1.0, 1.0, 1.0, 0.1]) is None
+
+
+def test_heatmap_colour_scale_is_not_stretched_by_an_outlier():
+    rng = np.random.default_rng(0)
+    values = 10.0 ** rng.uniform(-3, -1, size=(6, 50))  # between 1e-3 and 1e-1
+    values[2, 7] = 1e6  # one outlier
+    values[0, :5] = np.nan  # every trajectory diverged there
+    low, high = figures.colour_limits(values)
+    low_p, high_p = figures.COLOUR_PERCENTILES
+    finite = values[np.isfinite(values)]
+    assert 1e-3 <= low < high <= 1e-1  # the outlier is beyond the scale
+    assert np.mean(finite < low) == pytest.approx(low_p / 100, abs=0.01)
+    assert np.mean(finite > high) == pytest.approx(1 - high_p / 100, abs=0.01)
+    assert figures.colour_limits(np.full((2, 2), np.nan)) is None
+    assert figures.colour_limits(np.full((2, 2), 0.5)) == (0.5, 5.0)  # at least a decade
+
+    status = np.array([[1, 1, 3, 4], [0, 2, 2, 3]])
+    one_outlier = np.array([[1e-3, 1e-2, 1e6], [1e-2, 1e-3, 1e-2]])
+    fig = figures.heatmaps_figure(
+        np.array([0.1, 0.2]), np.array([0, 10, 20]), one_outlier, one_outlier, status, "t"
+    )
+    meshes = [ax.collections[0] for ax in fig.axes[:2]]
+    for mesh in meshes:
+        assert mesh.norm.vmax < 1e6 and mesh.norm.vmin == pytest.approx(1e-3)
+        assert mesh.colorbar.extend == "max"  # an arrow: cells beyond the scale
+        assert f"percentiles {low_p:g}-{high_p:g}" in mesh.colorbar.ax.get_ylabel()
+
+
+def test_heatmap_row_labels_give_every_status():
+    status = np.array([[1, 1, 3, 4], [0, 2, 2, 3]])
+    header, rows = figures.status_row_labels(status)
+    assert header.split() == ["min", "crit", "per", "n.c.", "div", "%"]
+    assert [row.split() for row in rows] == [
+        ["50", "0", "25", "0", "25"], ["0", "50", "0", "25", "25"]
+    ]
+    assert all(sum(int(v) for v in row.split()) == 100 for row in rows)

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from gdlr_jax.experiments.cli import main
+from gdlr_jax.experiments.config import load_config
+from gdlr_jax.experiments.runner import find_config
 
 SMALL = [
     "engine.memory_budget_mb=1",  # ~1400 trajectories per chunk: many chunks
@@ -107,6 +109,7 @@ def uninterrupted(tmp_path_factory, env):
     return results
 
 
+@pytest.mark.slow  # end-to-end runs killed and resumed
 def test_killed_then_interrupted_run_resumes_to_the_uninterrupted_results(
     tmp_path, env, uninterrupted, capsys
 ):
@@ -172,9 +175,18 @@ def test_resume_needs_a_gdlr_run_and_excludes_overwrite(tmp_path, capsys, monkey
     # the default folder of a resumed run is runs/NAME itself, not a numbered one
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "two_neuron").mkdir(parents=True)
-    (tmp_path / "runs" / "two_neuron" / "config.yaml").write_text("x\n")
+    saved = tmp_path / "runs" / "two_neuron" / "config.yaml"
+    saved.write_text("x\n")
+    assert main(["run", "--dry-run", "--resume"]) == 2  # as the run: another config's run
+    assert "cannot resume in runs/two_neuron: it holds a run of a different config" in (
+        capsys.readouterr().err
+    )
+    config = load_config(find_config("two_neuron"))
+    header = f"# gdlr resolved config; fingerprint {config.fingerprint}\n"
+    saved.write_text(header + config.to_yaml())
     assert main(["run", "--dry-run", "--resume"]) == 0
-    assert "# output folder: runs/two_neuron\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "# output folder: runs/two_neuron (resumes the unfinished run in it)\n" in out
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "--resume" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The two-neuron study: end to end on a shrunk copy of the shipped config; the M_WS length."""
+"""The two-neuron study: end to end on a shrunk copy of the shipped config; the M_WS length;
+what its figures show."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from scipy.integrate import quad
 
 from gdlr_jax import TrajectoryStatus, sweep
+from gdlr_jax.dynamics._stability import CRITERIA
+from gdlr_jax.experiments import figures
 from gdlr_jax.experiments.config import ConfigError, load_config
-from gdlr_jax.experiments.runner import run_config
+from gdlr_jax.experiments.runner import RUN_MARKER, run_config
 from gdlr_jax.experiments.two_neuron import (
     initial_grid,
     minima_profile,
@@ -40,7 +43,7 @@ SHRUNK = [  # the shipped config, shrunk to run in seconds
     "basin.steps=1500",
     f"figures.dpi={DPI}",
 ]
-FIGURES = {  # stem -> size in inches (figures.py)
+FIGURES = {  # stem -> size in inches (gdlr_jax/experiments/figures/two_neuron.py)
     "figure1_phase_portraits": (10.4, 6.2),
     "figure2_weak_stability": (6.4, 4.4),
     "basin_map": (11.0, 5.8),
@@ -127,10 +130,11 @@ def _png_size(path: pathlib.Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow  # the end-to-end run of the module fixture `run`
 def test_run_writes_every_file(run):
     config, outcome, _ = run
     names = {p.name for p in outcome.path.iterdir()}
-    expected = {"config.yaml", "results.npz", "summary.json"}
+    expected = {RUN_MARKER, "config.yaml", "results.npz", "summary.json"}
     expected |= {f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")}
     assert names == expected
     assert set(outcome.summary["files"]) == expected
@@ -144,6 +148,7 @@ def test_run_writes_every_file(run):
     assert outcome.summary["resumed"] is False
 
 
+@pytest.mark.slow  # the end-to-end run of the module fixture `run`
 def test_summary_converged_fraction_vanishes_exactly_above_eta_e(run):
     _, outcome, _ = run
     summary = json.loads((outcome.path / "summary.json").read_text())
@@ -168,6 +173,7 @@ def test_summary_converged_fraction_vanishes_exactly_above_eta_e(run):
     )
 
 
+@pytest.mark.slow  # the end-to-end run of the module fixture `run`
 def test_results_arrays(run):
     config, outcome, _ = run
     with np.load(outcome.path / "results.npz") as results:
@@ -189,6 +195,7 @@ def test_results_arrays(run):
         assert not np.any(results["portrait1_status"] == int(TrajectoryStatus.CONVERGED_MINIMUM))
 
 
+@pytest.mark.slow  # the end-to-end run of the module fixture `run`
 def test_terminal_table(run):
     _, outcome, text = run
     lines = text.splitlines()
@@ -196,7 +203,8 @@ def test_terminal_table(run):
     assert lines[1].split()[0] == "eta" and "|M_WS|/ref" in lines[1]
     assert [line.split()[0] for line in lines[3:7]] == ["0.3", "0.6", "0.9", "1.2"]
     assert any(line.startswith("eta_E = ") for line in lines)
-    assert lines[-1].startswith(f"gdlr: wrote 9 files to {outcome.path} in ")
+    files = 4 + 2 * len(FIGURES)  # the marker, config, results, summary and the figures
+    assert lines[-1].startswith(f"gdlr: wrote {files} files to {outcome.path} in ")
 
 
 def test_too_short_branch_is_a_config_error_and_leaves_nothing(tmp_path):
@@ -210,3 +218,55 @@ def test_too_short_branch_is_a_config_error_and_leaves_nothing(tmp_path):
     ):
         run_config(config, out=tmp_path / "run", progress=False, stream=io.StringIO())
     assert not (tmp_path / "run").exists()
+
+
+# ----- what the figures show ------------------------------------------------------------------
+CONVERGED, DIVERGED = int(TrajectoryStatus.CONVERGED_MINIMUM), int(TrajectoryStatus.DIVERGED)
+
+
+def _panel(ends, status, region=(0.0, 2.0, 0.0, 2.0)):
+    """A portrait panel whose trajectories go from (1, 1) to ``ends`` (NaN after the end)."""
+    paths = np.full((len(ends), 3, 2), np.nan)
+    paths[:, 0] = 1.0
+    paths[:, 1] = ends
+    profile = minima_profile(points=11)
+    minima = figures.MinimaCurve(profile.xy, profile.thresholds > 0.4)
+    return figures.PortraitPanel(0.4, region, paths, np.asarray(status), minima)
+
+
+def test_portrait_shows_where_every_bounded_trajectory_ends():
+    # one ends inside the region, one on the other branch (-1, -1), one diverged far away
+    panel = _panel([[0.5, 1.5], [-1.0, -1.0], [50.0, 50.0]], [CONVERGED, CONVERGED, DIVERGED])
+    np.testing.assert_array_equal(panel.last_iterates(), [[0.5, 1.5], [-1.0, -1.0], [50, 50]])
+    x0, x1, y0, y1 = panel.view()
+    assert (x1, y1) == (2.0, 2.0)  # grown only where an end lies outside
+    assert x0 == y0 == pytest.approx(-1.0 - 0.05 * 3.0)  # 5 % of the larger side, 3
+    assert panel.ends_outside(panel.region) == 2 and panel.ends_outside(panel.view()) == 1
+    fig = figures.phase_portraits([panel])
+    (ax,) = fig.axes
+    assert ax.get_xlim() == pytest.approx((x0, x1)) and ax.get_ylim() == pytest.approx((y0, y1))
+    assert ax.get_title().endswith("2 converged to a minimum, 1 diverged; 1 end off the panel")
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "region of the starts (2 of 3 end outside)" in legend
+
+    inside = _panel([[0.5, 1.5], [1.5, 0.5]], [CONVERGED, CONVERGED])
+    assert inside.view() == inside.region  # nothing to grow: the region as configured
+    ax = figures.phase_portraits([inside]).axes[0]
+    assert ax.get_title().endswith("\n2 converged to a minimum")
+    assert not any("region" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_figure2_points_are_not_joined_and_the_legend_is_mathematics(criterion):
+    etas = np.array([0.9, 0.95, 1.0, 1.05])
+    fig = figures.weak_stability_vs_trapping(
+        np.linspace(0.1, 1.05, 20), np.linspace(1.0, 0.0, 20), etas,
+        np.array([0.65, 0.62, 0.0, 0.0]), 1.0,
+        reference_eta=0.1, reference_length=14.4698, criterion=criterion,
+    )
+    (ax,) = fig.axes
+    fraction = [line for line in ax.get_lines() if np.array_equal(line.get_xdata(), etas)]
+    assert len(fraction) == 1 and fraction[0].get_linestyle() == "None"  # points only
+    labels = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert criterion not in labels  # the config's name of the criterion is not shown
+    assert f"2/{figures.CRITERION_TEX[criterion]}" in labels

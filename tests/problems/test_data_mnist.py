@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -191,6 +192,57 @@ def test_truncated_or_padded_images(tmp_path, small_pair, mutate, message):
     images_path.write_bytes(gzip.compress(mutate(gzip.decompress(images_path.read_bytes()))))
     with pytest.raises(ValueError, match=message):
         load_mnist(tmp_path)
+
+
+def _peak_bytes(function) -> int:
+    """The peak of memory allocated (numpy included) while ``function()`` runs."""
+    tracemalloc.start()
+    try:
+        function()
+    except ValueError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_header_announcing_too_many_items_is_refused_before_allocating(tmp_path, small_pair):
+    images, labels = small_pair
+    _write_pair(tmp_path, images, labels)
+    header = struct.pack(">IIII", 2051, 2_000_000, 28, 28)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(header + bytes(1_500_000))
+    )
+    with pytest.raises(ValueError, match=r"the header announces 2000000 items, more than the "
+                       r"1000000 an IDX file may hold here \(MNIST has 70000\)"):
+        load_mnist(tmp_path)
+    assert _peak_bytes(lambda: load_mnist(tmp_path)) < 8 << 20
+
+
+def test_a_gzip_bomb_is_read_no_further_than_its_header_announces(tmp_path, small_pair):
+    images, labels = small_pair
+    images_path, _ = _write_pair(tmp_path, images, labels)
+    # 12 images announced, then 200 MB of zeros that compress to about 200 kB
+    with gzip.open(images_path, "wb") as handle:
+        handle.write(_idx_bytes(images, 2051))
+        for _ in range(200):
+            handle.write(bytes(1 << 20))
+    assert images_path.stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match=r"= 9408 bytes of data, the file holds more than "
+                       r"1057984 \(extra bytes\)"):
+        load_mnist(tmp_path)
+    assert _peak_bytes(lambda: load_mnist(tmp_path)) < 8 << 20
+
+
+def test_an_uncompressed_file_is_checked_against_its_size_before_reading(tmp_path, monkeypatch):
+    header = struct.pack(">IIII", 2051, 900_000, 28, 28)  # 705.6 MB announced
+    images_path, _ = _write_pair(tmp_path, np.zeros((3, 28, 28)), np.zeros(3), gz=False)
+    images_path.write_bytes(header + bytes(784))
+    with pytest.raises(ValueError, match=r"= 705600000 bytes of data, the file holds 784 "
+                       r"\(truncated\)"):
+        load_mnist(tmp_path)
+    assert _peak_bytes(lambda: load_mnist(tmp_path)) < 8 << 20
 
 
 def test_truncated_gzip_stream(tmp_path, small_pair):

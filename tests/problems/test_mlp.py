@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+import gdlr_jax as gj
 from gdlr_jax.mlp import MLP, init_mlp_params, mlp_apply, mlp_loss
 
 N, D_IN = 24, 784
@@ -103,6 +104,9 @@ def _plain_loss(model, images, labels, loss):
     if loss == "mse":
         targets = jax.nn.one_hot(labels, 2, dtype=logits.dtype)
         return jnp.sum((logits - targets) ** 2) / (labels.shape[0] * 2)
+    if loss == "mse_sum":
+        targets = jax.nn.one_hot(labels, 2, dtype=logits.dtype)
+        return jnp.sum((logits - targets) ** 2) / labels.shape[0]
     log_p = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 
@@ -112,6 +116,7 @@ def _plain_loss(model, images, labels, loss):
     [
         ("gelu", "mse", True), ("relu", "cross_entropy", True), ("tanh", "mse", False),
         ("sigmoid", "cross_entropy", False), ("relu", "mse", True), ("gelu", "cross_entropy", True),
+        ("tanh", "mse_sum", True),
     ],
 )
 def test_loss_and_grad_equal_plain_nnx(batch64, activation, loss, use_bias):
@@ -157,7 +162,26 @@ def test_mse_normalisation_is_the_mean_over_all_entries():
     np.testing.assert_allclose(value, np.mean(optax.squared_error(logits, np.eye(4)[np.asarray(y)])), rtol=1e-14)
 
 
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_mse_sum_is_the_sum_over_outputs_mean_over_examples():
+    """"mse_sum": L = 1/n sum_i ||f(x_i) - e_{y_i}||^2 = C * "mse", and so are its gradient and
+    Hessian: every threshold 2/lambda of "mse_sum" is that of "mse" divided by C."""
+    graphdef, params = init_mlp_params(
+        jax.random.key(4), 1, depth=1, width=3, in_features=3, out_features=4, param_dtype=jnp.float64
+    )
+    p = _one(params, 0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))
+    y = jnp.array([0, 3, 1, 2, 2], dtype=jnp.int32)
+    logits = np.asarray(mlp_apply(graphdef, p, x))
+    expected = np.sum((logits - np.eye(4)[np.asarray(y)]) ** 2) / 5  # sum over C, mean over n
+    summed = mlp_loss(graphdef, loss="mse_sum", num_classes=4)
+    mean = mlp_loss(graphdef, loss="mse", num_classes=4)
+    np.testing.assert_allclose(summed(p, (x, y)), expected, rtol=1e-14)
+    np.testing.assert_allclose(summed(p, (x, y)), 4 * mean(p, (x, y)), rtol=1e-14)
+    top = lambda f: gj.hessian_spectrum(lambda q: f(q, (x, y)), p)[-1]
+    np.testing.assert_allclose(top(summed), 4 * top(mean), rtol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mse_sum", "cross_entropy"])
 def test_vmap_over_inits_under_jit_float32(loss):
     graphdef, params = init_mlp_params(jax.random.key(2), 3, depth=2, width=8)
     images = jax.random.uniform(jax.random.key(3), (10, D_IN), dtype=jnp.float32)
@@ -214,7 +238,9 @@ def test_bad_init_arguments():
 
 def test_bad_loss_arguments_and_batches():
     graphdef, params = init_mlp_params(jax.random.key(0), 2, depth=1, width=4)
-    with pytest.raises(ValueError, match=r"loss must be one of \['mse', 'cross_entropy'\], got 'hinge'"):
+    with pytest.raises(
+        ValueError, match=r"loss must be one of \['mse', 'mse_sum', 'cross_entropy'\], got 'hinge'"
+    ):
         mlp_loss(graphdef, loss="hinge")
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         mlp_loss(graphdef, num_classes=0)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
+import os
 import pathlib
 import zlib
 from collections.abc import Mapping
+from typing import IO
 
 import numpy as np
 
@@ -24,6 +27,10 @@ IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 IMAGE_SIDE = 28
 _GZIP_MAGIC = b"\x1f\x8b"
+_BLOCK = 1 << 20  # bytes read at a time
+#: the most items (images or labels) an IDX file may announce: MNIST has 70,000 (60,000 +
+#: 10,000), EMNIST's largest split 697,932; a header beyond is refused before any allocation.
+MAX_IDX_ITEMS = 1_000_000
 
 # sha256 of the official gzipped MNIST files: the digests tensorflow-datasets registers for its
 # download of them (tensorflow_datasets/url_checksums/mnist.txt).
@@ -72,8 +79,8 @@ def file_sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def check_sha256(path: pathlib.Path, raw: bytes, expected: Mapping[str, str]) -> None:
-    """Compare the sha256 of the bytes ``raw`` read from ``path`` with ``expected[path.name]``.
+def check_sha256(path: pathlib.Path, expected: Mapping[str, str]) -> None:
+    """Compare the sha256 of the file ``path`` (read in blocks) with ``expected[path.name]``.
 
     Raises:
         ValueError: when ``expected`` has no digest for ``path.name``, or the digests differ.
@@ -84,7 +91,11 @@ def check_sha256(path: pathlib.Path, raw: bytes, expected: Mapping[str, str]) ->
             f"known digests are for {sorted(expected)}. Official digests exist only for the "
             f"gzipped files; for other files pass verify_sha256={{'{path.name}': '<hex digest>'}}."
         )
-    got = file_sha256(raw)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    got = digest.hexdigest()
     want = expected[path.name].strip().lower()
     if got != want:
         raise ValueError(
@@ -94,6 +105,18 @@ def check_sha256(path: pathlib.Path, raw: bytes, expected: Mapping[str, str]) ->
         )
 
 
+def _read_into(stream: IO[bytes], out: memoryview) -> int:
+    """Fills ``out`` from ``stream`` block by block; the number of bytes read (fewer at the
+    end of the stream)."""
+    got = 0
+    while got < len(out):
+        n = stream.readinto(out[got : got + _BLOCK])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def read_idx(
     path: pathlib.Path,
     *,
@@ -101,6 +124,12 @@ def read_idx(
     expected_sha256: Mapping[str, str] | None = None,
 ) -> np.ndarray:
     """Read one unsigned-byte IDX file (gzipped or not) into a ``uint8`` array.
+
+    The file is streamed (gzip decompressed block by block): the header is read and checked
+    first, and the data array of the announced size is allocated only once that size is at
+    most :data:`MAX_IDX_ITEMS` items (and, uncompressed, equals what the file holds), so a
+    small file announcing a huge one, or a gzip bomb, is refused without using its memory;
+    reading stops one byte past the announced size.
 
     Args:
         path: the file.
@@ -114,44 +143,77 @@ def read_idx(
 
     Raises:
         ValueError: on a bad gzip stream, a wrong magic number, a header that does not match
-            MNIST's shapes, or a data section shorter or longer than the header announces.
+            MNIST's shapes or announces more than :data:`MAX_IDX_ITEMS` items, or a data
+            section shorter or longer than the header announces.
     """
-    raw = path.read_bytes()
     if expected_sha256 is not None:
-        check_sha256(path, raw, expected_sha256)
-    if raw[:2] == _GZIP_MAGIC:
+        check_sha256(path, expected_sha256)
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == _GZIP_MAGIC
+        handle.seek(0)
+        stream: IO[bytes] = gzip.GzipFile(fileobj=handle, mode="rb") if gzipped else handle
         try:
-            raw = gzip.decompress(raw)
+            return _read_idx_stream(path, stream, magic, None if gzipped else handle)
         except (OSError, EOFError, zlib.error) as err:
+            if not gzipped:
+                raise
             raise ValueError(f"{str(path)!r} is not a valid gzip file: {err}") from err
-    if len(raw) < 4:
-        raise ValueError(f"{str(path)!r} is too short ({len(raw)} bytes) to be an IDX file.")
-    found_magic = int.from_bytes(raw[:4], "big")
+
+
+def _read_idx_stream(
+    path: pathlib.Path, stream: IO[bytes], magic: int, plain: IO[bytes] | None
+) -> np.ndarray:
+    """:func:`read_idx` on an open (decompressed) ``stream``; ``plain``: the file itself
+    when it is not gzipped (its size is then known before reading the data)."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise ValueError(f"{str(path)!r} is too short ({len(head)} bytes) to be an IDX file.")
+    found_magic = int.from_bytes(head, "big")
     if found_magic != magic:
         raise ValueError(
             f"{str(path)!r} has IDX magic number {found_magic} (0x{found_magic:08x}); "
             f"expected {magic} (0x{magic:08x}) for MNIST "
             f"{'images' if magic == IMAGES_MAGIC else 'labels'}."
         )
-    ndim = raw[3]  # the magic fixes the type code (0x08, unsigned byte) and ndim (3 or 1)
+    ndim = head[3]  # the magic fixes the type code (0x08, unsigned byte) and ndim (3 or 1)
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise ValueError(
-            f"{str(path)!r} is truncated inside its header ({len(raw)} bytes, "
+            f"{str(path)!r} is truncated inside its header ({4 + len(raw_dims)} bytes, "
             f"header needs {header_len})."
         )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
     if magic == IMAGES_MAGIC and dims[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise ValueError(
             f"{str(path)!r}: images of {dims[1:]} pixels; MNIST images are "
             f"{IMAGE_SIDE}x{IMAGE_SIDE}."
         )
-    expected_len = int(np.prod(dims, dtype=np.int64))
-    found_len = len(raw) - header_len
-    if found_len != expected_len:
-        problem = "truncated" if found_len < expected_len else "extra bytes"
+    if dims[0] > MAX_IDX_ITEMS:
         raise ValueError(
-            f"{str(path)!r}: the header announces {dims} = {expected_len} bytes of data, "
-            f"the file holds {found_len} ({problem})."
+            f"{str(path)!r}: the header announces {dims[0]} items, more than the "
+            f"{MAX_IDX_ITEMS} an IDX file may hold here (MNIST has 70000); the file is "
+            "corrupt or not MNIST."
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+    expected_len = math.prod(dims)
+
+    def mismatch(found: str, problem: str) -> ValueError:
+        return ValueError(
+            f"{str(path)!r}: the header announces {dims} = {expected_len} bytes of data, "
+            f"the file holds {found} ({problem})."
+        )
+
+    if plain is not None:
+        found_len = os.fstat(plain.fileno()).st_size - header_len
+        if found_len != expected_len:
+            problem = "truncated" if found_len < expected_len else "extra bytes"
+            raise mismatch(str(found_len), problem)
+    data = np.empty(expected_len, np.uint8)  # pages are used only as they are filled
+    got = _read_into(stream, memoryview(data))
+    if got < expected_len:
+        raise mismatch(str(got), "truncated")
+    extra = _read_into(stream, memoryview(bytearray(_BLOCK)))
+    if extra:
+        more = "more than " if extra == _BLOCK else ""
+        raise mismatch(f"{more}{expected_len + extra}", "extra bytes")
+    return data.reshape(dims)

@@ -1,9 +1,5 @@
-"""Figures of the experiments, drawn with matplotlib's Agg canvas (no display needed; layer 5).
-
-Every function takes plain numpy arrays and returns a ``matplotlib.figure.Figure`` built
-without pyplot (no global figure state, nothing to close); the runner saves it as PNG and PDF
-(:meth:`gdlr_jax.experiments.runner.RunOutput.save_figure`). Sizes are fixed in inches, so a
-PNG is ``figsize * dpi`` pixels.
+"""Figures of the two-neuron study ``L(x, y) = 1/2 (1 - xy)^2`` (layer 5): Figure 1 (phase
+portraits), Figure 2 (``|M_WS(eta)|`` beside the trapping-region fraction) and the basin map.
 """
 
 from __future__ import annotations
@@ -13,33 +9,27 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
-from gdlr_jax.engine._trajectory_status import TrajectoryStatus
+from gdlr_jax.engine import TrajectoryStatus
+from gdlr_jax.experiments.figures._common import (
+    STATUS_STYLE,
+    new_figure,
+    share,
+    status_counts,
+)
 
-#: colour and legend label of each trajectory status.
-STATUS_STYLE: dict[TrajectoryStatus, tuple[str, str]] = {
-    TrajectoryStatus.CONVERGED_MINIMUM: ("#2ca02c", "converged to a minimum"),
-    TrajectoryStatus.CONVERGED_CRITICAL_POINT: (
-        "#1f77b4",
-        "converged to a non-minimal critical point",
-    ),
-    TrajectoryStatus.PERIODIC: ("#ff7f0e", "periodic orbit"),
-    TrajectoryStatus.NOT_CONVERGED: ("#9e9e9e", "not converged"),
-    TrajectoryStatus.DIVERGED: ("#6a1b9a", "diverged"),
+_MINIMA = {"color": "black", "lw": 0.8, "label": "minima $M = \\{xy = 1\\}$"}
+_WEAKLY_STABLE = {"color": "#d62728", "lw": 3.0, "alpha": 0.8, "solid_capstyle": "butt"}
+#: the eigenvalue ``lambda`` of each criterion of Def. 16 (``M_WS``: ``eta < 2 / lambda``), in
+#: mathtext.
+CRITERION_TEX = {
+    "lambda_max": "\\lambda_{\\max}",
+    "lambda_min_nonzero": "\\lambda_{\\min}^{\\neq 0}",
 }
-_MINIMA = dict(color="black", lw=0.8, label="minima $M = \\{xy = 1\\}$")
-_WEAKLY_STABLE = dict(color="#d62728", lw=3.0, alpha=0.8, solid_capstyle="butt")
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +53,6 @@ class MinimaCurve:
             ax.plot(masked[:, 0], masked[:, 1], **_WEAKLY_STABLE, label=label)
 
 
-def share(fraction: float) -> str:
-    """A fraction as a percentage with one decimal; ``"<0.1%"`` when positive but smaller."""
-    return "<0.1%" if 0 < fraction < 1e-3 else f"{fraction:.1%}"
-
-
-def _status_counts(status: np.ndarray) -> str:
-    return ", ".join(
-        f"{np.sum(status == int(code))} {label}"
-        for code, (_, label) in STATUS_STYLE.items()
-        if np.any(status == int(code))
-    )
-
-
 def _legend_once(ax, **kwargs) -> None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
@@ -88,7 +65,7 @@ class PortraitPanel:
 
     Attributes:
         eta: the step size.
-        region: ``(x_min, x_max, y_min, y_max)`` shown.
+        region: ``(x_min, x_max, y_min, y_max)`` of the starts.
         paths: ``(n, t, 2)`` GD iterates ``(x_k, y_k)`` of ``n`` trajectories (NaN after a
             trajectory stopped).
         status: ``(n,)`` :class:`TrajectoryStatus` codes.
@@ -101,34 +78,72 @@ class PortraitPanel:
     status: np.ndarray
     minima: MinimaCurve
 
+    def last_iterates(self) -> np.ndarray:
+        """``(n, 2)``: the last finite iterate of each trajectory."""
+        finite = np.all(np.isfinite(self.paths), axis=2)
+        last = finite.shape[1] - 1 - np.argmax(finite[:, ::-1], axis=1)
+        return self.paths[np.arange(len(self.paths)), last]
+
+    def ends_outside(self, bounds: Sequence[float]) -> int:
+        """How many last iterates lie outside ``bounds = (x_min, x_max, y_min, y_max)``."""
+        (x, y), (x0, x1, y0, y1) = self.last_iterates().T, bounds
+        return int(np.sum((x < x0) | (x > x1) | (y < y0) | (y > y1)))
+
+    def view(self) -> tuple[float, float, float, float]:
+        """The limits shown: ``region``, grown (with a margin of 5 % of the larger side) to
+        hold the last iterate of every trajectory that did not diverge."""
+        kept = self.last_iterates()[self.status != int(TrajectoryStatus.DIVERGED)]
+        x0, x1, y0, y1 = (float(v) for v in self.region)
+        if kept.size:
+            (lx, ly), (hx, hy) = kept.min(axis=0), kept.max(axis=0)
+            margin = 0.05 * max(max(x1, hx) - min(x0, lx), max(y1, hy) - min(y0, ly))
+            x0, x1 = (x0 if lx >= x0 else lx - margin), (x1 if hx <= x1 else hx + margin)
+            y0, y1 = (y0 if ly >= y0 else ly - margin), (y1 if hy <= y1 else hy + margin)
+        return float(x0), float(x1), float(y0), float(y1)
+
 
 def phase_portraits(panels: Sequence[PortraitPanel]) -> Figure:
     """Figure 1: GD trajectories in the ``(x, y)`` plane, one panel per step size.
 
     Iterates are dots joined by thin lines (GD is a map, not a flow), one colour per
     trajectory; circles mark the starts, crosses the last iterates. The minima M are black,
-    ``M_WS(eta)`` red; each title counts the trajectories by status.
+    ``M_WS(eta)`` red; each title counts the trajectories by status. A panel shows the region
+    of the starts grown to hold the last iterate of every trajectory that did not diverge
+    (:meth:`PortraitPanel.view`; the region is then outlined, dashed, and its legend entry
+    counts the trajectories ending outside it), so that every such trajectory is seen where
+    it ends; the title also counts the last iterates (of diverged ones) left off the panel.
     """
-    fig = _figure(5.2 * len(panels), 6.2)
+    fig = new_figure(5.2 * len(panels), 6.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
         panel.minima.draw(ax, panel.eta)
         colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(panel.paths)))
-        for path, colour in zip(panel.paths, colours, strict=True):
+        for path, last, colour in zip(panel.paths, panel.last_iterates(), colours, strict=True):
             ax.plot(path[:, 0], path[:, 1], "-", color=colour, lw=0.5, alpha=0.3)
             ax.plot(path[:, 0], path[:, 1], ".", color=colour, ms=2.5)
-            last = path[np.flatnonzero(np.all(np.isfinite(path), axis=1))[-1]]
             ax.plot(*path[0], "o", mfc="none", mec=colour, ms=5)
             ax.plot(*last, "x", color="black", ms=4, mew=0.8)
         ax.plot([], [], "o", mfc="none", mec="grey", ms=5, label="start")
         ax.plot([], [], ".-", color="grey", lw=0.6, label="GD iterates")
         ax.plot([], [], "x", color="black", ms=4, label="last iterate")
-        x0, x1, y0, y1 = panel.region
+        shown, region = panel.view(), tuple(float(v) for v in panel.region)
+        counts = status_counts(panel.status)
+        if shown != region:
+            rx0, rx1, ry0, ry1 = region
+            away = panel.ends_outside(region)
+            ax.add_patch(
+                Rectangle(
+                    (rx0, ry0), rx1 - rx0, ry1 - ry0, fill=False, ls="--", lw=0.8, ec="grey",
+                    label=f"region of the starts ({away} of {len(panel.paths)} end outside)",
+                )
+            )
+        if off_panel := panel.ends_outside(shown):
+            counts += f"; {off_panel} end off the panel"
+        x0, x1, y0, y1 = shown
         ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="$x$", ylabel="$y$")
         ax.set_aspect("equal", adjustable="box")
         ax.set_title(
-            f"GD on $\\frac{{1}}{{2}}(1-xy)^2$, $\\eta = {panel.eta:g}$\n"
-            f"{_status_counts(panel.status)}",
+            f"GD on $\\frac{{1}}{{2}}(1-xy)^2$, $\\eta = {panel.eta:g}$\n{counts}",
             fontsize=10,
         )
         _legend_once(
@@ -150,6 +165,10 @@ def weak_stability_vs_trapping(
 ) -> Figure:
     """Figure 2: the normalised length of ``M_WS(eta)`` beside the trapping-region fraction.
 
+    The length is a curve (computed on the fine grid ``eta_curve``); the fraction is one
+    point per step size of the sweep, not joined: between two step sizes nothing was
+    measured, and at ``eta_E`` the fraction jumps.
+
     Args:
         eta_curve: ``(k,)`` step sizes of the length curve.
         length_curve: ``(k,)`` length of ``M_WS`` normalised by ``reference_length``.
@@ -157,26 +176,27 @@ def weak_stability_vs_trapping(
         converged_fraction: ``(n_eta,)`` share of the initialisations converging to a minimum.
         eta_e: the critical step size, drawn as a vertical line.
         reference_eta, reference_length: the normalisation ``|M_WS(reference_eta)|``.
-        criterion: the eigenvalue of Def. 16 used (for the legend).
+        criterion: the eigenvalue of Def. 16 used (a key of :data:`CRITERION_TEX`).
     """
-    fig = _figure(6.4, 4.4)
+    fig = new_figure(6.4, 4.4)
     ax = fig.subplots()
+    ref = f"|M_{{WS}}({reference_eta:g})|"
     ax.plot(
         eta_curve,
         length_curve,
         color=_WEAKLY_STABLE["color"],
         lw=2.0,
-        label=f"$|M_{{WS}}(\\eta)| \\,/\\, |M_{{WS}}({reference_eta:g})|$"
-        f"  ({criterion}; $|M_{{WS}}({reference_eta:g})| = {reference_length:.4g}$)",
+        label=f"$|M_{{WS}}(\\eta)| \\,/\\, {ref}$, $M_{{WS}}(\\eta) = \\{{\\theta \\in M:"
+        f" \\eta < 2/{CRITERION_TEX[criterion]}(\\theta)\\}}$  (${ref} = {reference_length:.4g}$)",
     )
     ax.plot(
         etas,
         converged_fraction,
-        "o-",
-        color=STATUS_STYLE[TrajectoryStatus.CONVERGED_MINIMUM][0],
-        ms=4,
-        lw=1.2,
-        label="trapping-region fraction (grid of initialisations)",
+        "o",
+        color=STATUS_STYLE[TrajectoryStatus.CONVERGED_MINIMUM].colour,
+        ms=4.5,
+        label="trapping-region fraction: share of the grid of initialisations converging to "
+        "a minimum\n(one point per step size of the sweep)",
     )
     ax.axvline(eta_e, color="black", ls="--", lw=1.0)
     ax.annotate(
@@ -216,16 +236,16 @@ def basin_map(
 
     Left: status; right: steps to converge to a minimum (log scale; others blank).
     """
-    fig = _figure(11.0, 5.8)
+    fig = new_figure(11.0, 5.8)
     ax_status, ax_steps = fig.subplots(1, 2)
     codes = list(STATUS_STYLE)
-    cmap = ListedColormap([STATUS_STYLE[c][0] for c in codes])
+    cmap = ListedColormap([STATUS_STYLE[c].colour for c in codes])
     norm = BoundaryNorm(np.arange(len(codes) + 1) - 0.5, len(codes))
     position = np.zeros(max(int(c) for c in codes) + 1, int)
     position[[int(c) for c in codes]] = np.arange(len(codes))
     index = position[status]
     extent = (region[0], region[1], region[2], region[3])
-    image = dict(origin="lower", extent=extent, interpolation="nearest", aspect="equal")
+    image = {"origin": "lower", "extent": extent, "interpolation": "nearest", "aspect": "equal"}
     ax_status.imshow(index, cmap=cmap, norm=norm, **image)
     converged = status == int(TrajectoryStatus.CONVERGED_MINIMUM)
     steps = np.where(converged, np.maximum(steps_taken, 1), np.nan).astype(float)
@@ -238,8 +258,8 @@ def basin_map(
     ax_steps.set_facecolor("#e0e0e0")
     handles = [
         Patch(
-            color=STATUS_STYLE[c][0],
-            label=f"{STATUS_STYLE[c][1]} ({share(np.mean(status == int(c)))})",
+            color=STATUS_STYLE[c].colour,
+            label=f"{STATUS_STYLE[c].label} ({share(np.mean(status == int(c)))})",
         )
         for c in codes
         if np.any(status == int(c))
@@ -255,52 +275,4 @@ def basin_map(
             f"{title}, $\\eta = {eta:g}$ ({status.shape[1]}x{status.shape[0]} starts)", fontsize=10
         )
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
-    return fig
-
-
-def sharpness_trajectories(
-    steps: np.ndarray,
-    sharpness: np.ndarray,
-    etas: np.ndarray,
-    *,
-    title: str = "sharpness along GD trajectories",
-) -> Figure:
-    """Sharpness ``lambda_max(H(theta_t))`` against ``t``, with the edge of stability ``2/eta``.
-
-    Draws ``SweepResult.recorded_sharpness`` (``sweep(..., sharpness_every=K)``): a thin line
-    per trajectory and a thick line for the median over the initialisations, one colour per
-    step size, and a dashed line at ``2 / eta`` in the same colour (a minimum with
-    ``lambda_max > 2 / eta`` is unstable, Thm. 17). The vertical axis stops at
-    ``1.3 * max(2 / eta)``: trajectories far above it are diverging.
-
-    Args:
-        steps: measurement times ``(n_sharp,)`` (``SweepResult.sharpness_steps``).
-        sharpness: ``(n_eta, n_init, n_sharp)`` (``SweepResult.recorded_sharpness``).
-        etas: ``(n_eta,)`` the step sizes.
-        title: the axes title.
-
-    Raises:
-        ValueError: if the shapes do not agree.
-    """
-    steps, sharpness, etas = np.asarray(steps), np.asarray(sharpness), np.asarray(etas)
-    if sharpness.ndim != 3 or sharpness.shape[::2] != (etas.shape[0], steps.shape[0]):
-        raise ValueError(
-            "recorded_sharpness must have shape (n_eta, n_init, n_sharp) = "
-            f"({etas.shape[0]}, n_init, {steps.shape[0]}), got {sharpness.shape}."
-        )
-    fig = _figure(7.0, 4.5)
-    ax = fig.subplots()
-    colours = colormaps["viridis"](np.linspace(0.0, 0.85, len(etas)))
-    for eta, runs, colour in zip(etas, sharpness, colours, strict=True):
-        for run in runs:
-            ax.plot(steps, run, "-", color=colour, lw=0.5, alpha=0.25)
-        ax.plot(steps, np.median(runs, axis=0), "-", color=colour, lw=2.0,
-                label=f"$\\eta = {eta:g}$ (median)")
-        ax.axhline(2 / eta, ls="--", color=colour, lw=1.0)
-    ax.plot([], [], "--", color="grey", lw=1.0, label="$2/\\eta$ (edge of stability)")
-    top = 1.3 * float(np.max(2 / etas))
-    bottom = min(0.0, float(np.nanmin(sharpness)))
-    ax.set(xlabel="step $t$", ylabel="$\\lambda_{\\max}(\\nabla^2 L(\\theta_t))$",
-           ylim=(bottom, top), title=title)
-    ax.legend(fontsize=8, loc="lower right")
     return fig

@@ -1,0 +1,181 @@
+"""The lane layouts and step loop of the engine (issue 13) and step sizes per parameter leaf
+(issue 17): every layout and every ``step_block`` gives the same trajectories, and per-leaf
+step sizes take the step ``theta_l - eta_l grad_l L`` of a plain Python loop."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gdlr_jax
+from gdlr_jax import TrajectoryStatus
+from gdlr_jax.engine import _problem
+from gdlr_jax.engine._sharding import run_sharded
+
+S = TrajectoryStatus
+INITS = np.array([[0.5, 1.5], [0.0, 0.0], [1.2, 1.1], [1e3, 1e3], [-0.7, 0.4], [3.0, 2.5]])
+ETAS = np.array([0.4, 1.05, 1.5])
+CLASSIFICATION = ("status", "steps_taken", "period")
+
+
+def two_neuron(theta):
+    return 0.5 * (1.0 - theta[0] * theta[1]) ** 2
+
+
+def two_neuron_dict(params):
+    return 0.5 * (1.0 - params["x"] * params["y"]) ** 2
+
+
+def sweep64(loss, params0, etas=ETAS, **kwargs):
+    kwargs = {"steps": 200, "min_loss_value": 0.0, "dtype": jnp.float64, "check_every": 16} | kwargs
+    return gdlr_jax.sweep(loss, params0, etas, **kwargs)
+
+
+def assert_same_trajectories(a, b, rtol=0.0):
+    for name in CLASSIFICATION:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    leaves = zip(*map(jax.tree_util.tree_leaves, (a.final_params, b.final_params)))
+    for x, y in leaves:
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=0)
+    # a loss near 0 is 1 - theta_1 theta_2 ... squared: its rounding is absolute, not relative
+    np.testing.assert_allclose(a.final_loss, b.final_loss, rtol=rtol, atol=1e-18 if rtol else 0)
+
+
+@pytest.mark.parametrize("step_block", [1, 3, 4, 8])
+def test_every_step_block_gives_the_same_trajectories(step_block):
+    """Unrolling only groups steps: the iterates, statuses and recordings are bit for bit those
+    of one step at a time (blocks of k with a remainder between evaluation times)."""
+    kwargs = {"record_every": 5, "record_params": True}
+    one = sweep64(two_neuron, INITS, step_block=1, **kwargs)
+    blocked = sweep64(two_neuron, INITS, step_block=step_block, **kwargs)
+    assert_same_trajectories(one, blocked)
+    np.testing.assert_array_equal(one.recorded_params, blocked.recorded_params)
+    np.testing.assert_array_equal(one.recorded_step_norm, blocked.recorded_step_norm)
+
+
+def test_array_and_dict_params_give_the_same_trajectories():
+    """The (n, 2) array and the dict of (n,) leaves are stored alike (one column per scalar):
+    the same statuses and, bit for bit, the same iterates and losses."""
+    array = sweep64(two_neuron, INITS)
+    as_dict = sweep64(two_neuron_dict, {"x": INITS[:, 0], "y": INITS[:, 1]})
+    for name in CLASSIFICATION + ("final_loss", "final_grad_norm", "asymptotic_step_norm"):
+        np.testing.assert_array_equal(getattr(array, name), getattr(as_dict, name), err_msg=name)
+    np.testing.assert_array_equal(array.final_params[..., 0], as_dict.final_params["x"])
+    np.testing.assert_array_equal(array.final_params[..., 1], as_dict.final_params["y"])
+
+
+def test_forward_and_reverse_mode_give_the_same_statuses(monkeypatch):
+    """Below FORWARD_MODE_MAX_PARAMS the gradient is taken by forward mode (columns), above by
+    reverse mode (leaves): the two give the same statuses, and iterates equal to rounding
+    (the products are associated differently) on trajectories that do not amplify it."""
+    assert _problem.uses_columns(
+        _problem.EngineConfig(two_neuron, None, gdlr_jax.ConvergenceCriteria(), 0.0, 10, 4,
+                              None, False, None, True), 2, False
+    )
+
+    def chain(theta):
+        return 0.5 * (1.0 - theta[0] * theta[1] * theta[2]) ** 2
+
+    rng = np.random.default_rng(0)
+    inits = rng.uniform(0.5, 1.3, (40, 3))
+    etas = np.array([0.1, 0.3])  # below the edge of stability of the chain: no chaos
+    forward = sweep64(chain, inits, etas, steps=300)
+    monkeypatch.setattr(_problem, "FORWARD_MODE_MAX_PARAMS", 2)
+
+    def chain_again(theta):  # a new function object: a new compilation
+        return chain(theta)
+
+    reverse = sweep64(chain_again, inits, etas, steps=300)
+    assert_same_trajectories(forward, reverse, rtol=1e-12)
+    assert np.all(forward.status == S.CONVERGED_MINIMUM)
+
+
+def python_loop(grad, params, etas, steps, bound):
+    """Per-leaf GD ``theta_l - eta_l grad_l`` one step at a time; stops before the first step
+    that leaves the bound (the engine's exact divergence step)."""
+    for t in range(steps):
+        new = jax.tree_util.tree_map(lambda p, e, g: p - e * g, params, etas, grad(params))
+        if not all(np.all(np.abs(x) <= bound) for x in jax.tree_util.tree_leaves(new)):
+            return params, t
+        params = new
+    return params, steps
+
+
+def test_per_leaf_step_sizes_follow_a_python_loop():
+    """etas = {"x": (n_eta,), "y": (n_eta,)}: trajectory (i, j) steps x - eta_x[i] d_x L and
+    y - eta_y[i] d_y L; its final iterate and steps taken are those of the loop."""
+    etas = {"x": np.array([0.2, 0.9, 1.6]), "y": np.array([0.5, 0.5, 0.3])}
+    inits = {"x": INITS[:, 0], "y": INITS[:, 1]}
+    steps = 120
+    r = sweep64(two_neuron_dict, inits, etas, steps=steps, check_every=8)
+    assert r.status.shape == (3, len(INITS))
+    grad = jax.jit(jax.grad(two_neuron_dict))
+    bound = gdlr_jax.ConvergenceCriteria().divergence_bound
+    for i in range(3):
+        for j in range(len(INITS)):
+            start = {"x": np.float64(INITS[j, 0]), "y": np.float64(INITS[j, 1])}
+            eta = {"x": etas["x"][i], "y": etas["y"][i]}
+            taken = int(r.steps_taken[i, j])
+            if r.status[i, j] == S.DIVERGED:
+                final, t = python_loop(grad, start, eta, steps, bound)
+                assert t == taken
+            else:
+                final, _ = python_loop(grad, start, eta, taken, np.inf)
+            np.testing.assert_allclose(r.final_params["x"][i, j], final["x"], rtol=1e-12)
+            np.testing.assert_allclose(r.final_params["y"][i, j], final["y"], rtol=1e-12)
+    # the converged ones satisfy the criterion with the largest step size of the leaves
+    converged = r.status == S.CONVERGED_MINIMUM
+    assert converged.any()
+    largest = np.maximum(etas["x"], etas["y"])[:, None]
+    assert np.all(largest * r.final_grad_norm <= 1e-6, where=converged)
+    # one step size per leaf equal to a common one is the ordinary sweep
+    same = sweep64(two_neuron_dict, inits, {"x": ETAS, "y": ETAS})
+    assert_same_trajectories(same, sweep64(two_neuron_dict, inits, ETAS))
+
+
+@pytest.mark.parametrize(
+    ("etas", "kwargs", "message"),
+    [
+        ({"x": np.array([0.1]), "y": np.array([0.1, 0.2])}, {}, "same length n_eta"),
+        ({"x": np.array([0.1]), "y": np.array([-0.1])}, {}, r"etas\['y'\]: etas must be positive"),
+        ({"x": np.array([0.1]), "z": np.array([0.1])}, {}, "structure of the params"),
+        ({"x": np.array([0.1]), "y": np.array([0.1])}, {"optimizer": "sgd"}, "need plain GD"),
+    ],
+)
+def test_per_leaf_step_sizes_are_checked(etas, kwargs, message):
+    import optax
+
+    if kwargs.get("optimizer") == "sgd":
+        kwargs = {"optimizer": optax.sgd}
+    inits = {"x": INITS[:, 0], "y": INITS[:, 1]}
+    with pytest.raises(ValueError, match=message):
+        gdlr_jax.plan_sweep(two_neuron_dict, inits, etas, steps=10, **kwargs)
+
+
+def test_step_block_is_checked():
+    with pytest.raises(ValueError, match="step_block must be a positive integer, got 0"):
+        gdlr_jax.plan_sweep(two_neuron, INITS, ETAS, steps=10, step_block=0)
+
+
+def test_the_step_loop_carries_no_copy_of_the_lanes():
+    """The optimised HLO of the step loop of the columns has no copy of the (d, m) lanes:
+    pairs of blocks write alternate buffers (a step reads every row, so it cannot be written
+    in place; a one-buffer loop copied the lanes once per block)."""
+    for params0, loss in ((INITS, two_neuron), ({"x": INITS[:, 0], "y": INITS[:, 1]}, two_neuron_dict)):
+        plan = gdlr_jax.plan_sweep(loss, params0, ETAS, steps=100, step_block=2)
+        m = plan.chunk_size
+        text = run_sharded.lower(
+            plan._params0, plan._device_etas, None, None, jnp.int32(0),
+            config=plan._config, mesh=plan._mesh, lanes_per_device=m,
+        ).compile().as_text()
+        computations = {c.split(" ", 1)[0].lstrip("%"): c for c in text.split("\n\n")}
+        lanes = f"f32[2,{m}]"
+        step_loops = re.findall(r"while\(.*?body=%?([\w.\-]+).*step_pairs", text)
+        assert step_loops, "no loop of pairs of blocks found"
+        for body in step_loops:
+            assert f"{lanes}{{1,0}} fusion(" in computations[body]  # the step
+            assert f"{lanes}{{1,0}} copy(" not in computations[body], computations[body]
