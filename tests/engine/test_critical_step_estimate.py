@@ -39,6 +39,7 @@ def _check_against_exact(estimate, eta_e: float, rtol: float) -> None:
     )  # converged at `low`: stable there
 
 
+@pytest.mark.slow  # several sweeps
 def test_two_neuron_collapse_is_eta_e():
     network = linear.two_neuron(jnp.float64)
     params0 = _uniform_starts(np.random.default_rng(0), 128, 2, 0.5, 1.5)
@@ -64,6 +65,7 @@ def test_two_neuron_collapse_is_eta_e():
     assert estimate.share_bounds[at_high, 1] < estimate.threshold
 
 
+@pytest.mark.slow  # several sweeps
 @pytest.mark.parametrize(
     "network",
     [
@@ -97,6 +99,7 @@ def test_linear_network_collapse_is_eta_e(network):
     _check_against_exact(estimate, eta_e, 0.02)
 
 
+@pytest.mark.slow  # several sweeps
 def test_mlp_estimate_is_reproducible_across_seeds():
     """Two draws of 32 initialisations of a tiny GELU MLP (4 -> 16 -> 2, MSE, 8 synthetic
     examples it can interpolate): each estimate lies in the other's interval (the two

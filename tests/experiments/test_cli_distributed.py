@@ -150,3 +150,32 @@ def test_bad_distributed_flags_are_one_line(tmp_path, flags, message):
     (error,) = _errors(outputs[0])
     assert message in error
     assert "Traceback" not in outputs[0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_two_processes_resumes_on_one(tmp_path):
+    """Both processes are killed (SIGKILL) once process 1 has saved a chunk of the first large
+    sweep; `gdlr run --resume` on one process loads the saved chunks and writes the results of
+    an uninterrupted one-process run."""
+    codes, outputs = finish([_gdlr(["run", "two_neuron", "--out", "one", *QUICK], tmp_path)])
+    assert codes == [0], outputs[0]
+    port = free_port()
+    procs = [
+        _gdlr(["run", "two_neuron", "--out", "two", *QUICK, "--coordinator", f"localhost:{port}",
+               "--num-processes", "2", "--process-id", str(p)], tmp_path)
+        for p in range(2)
+    ]
+    saved = tmp_path / "two" / "checkpoints" / "trapping_region" / "chunk-00001.npz"
+    deadline = time.monotonic() + 600
+    while not saved.exists() and time.monotonic() < deadline and procs[1].poll() is None:
+        time.sleep(0.05)
+    for proc in procs:
+        proc.kill()
+    finish(procs)
+    assert saved.exists(), "process 1 saved no chunk of the trapping-region sweep"
+    assert not (tmp_path / "two" / "results.npz").exists()
+    codes, outputs = finish(
+        [_gdlr(["run", "two_neuron", "--out", "two", "--resume", *QUICK], tmp_path)])
+    assert codes == [0], outputs[0]
+    assert "resuming two_neuron" in outputs[0]
+    _same_results(tmp_path / "one" / "results.npz", tmp_path / "two" / "results.npz")

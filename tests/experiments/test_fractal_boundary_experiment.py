@@ -35,6 +35,7 @@ def basin_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_basin_run_writes_levels_dimensions_and_figures(basin_run):
     for name in (
         "results.npz",
@@ -77,6 +78,7 @@ def test_next_region_centres_on_the_boundary_point_nearest_the_target():
     )
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_step_size_plane_uses_per_leaf_step_sizes(tmp_path):
     out = tmp_path / "eta"
     _run("fractal_boundary_two_neuron_eta", out, "zoom.levels=1", "zoom.resolution=65")
@@ -89,6 +91,7 @@ def test_step_size_plane_uses_per_leaf_step_sizes(tmp_path):
     assert status.shape == (65, 65)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_an_interrupted_run_resumes_to_the_same_results(
     tmp_path, basin_run, monkeypatch
 ):
@@ -119,6 +122,7 @@ def test_an_interrupted_run_resumes_to_the_same_results(
         np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_mnist_plane_steps_each_layer_with_its_own_step_size(tmp_path, mnist_dir):
     out = tmp_path / "mnist"
     _run(
