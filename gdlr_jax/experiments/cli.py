@@ -27,6 +27,7 @@ from gdlr_jax._version import __version__
 from gdlr_jax.engine._checkpoint import CheckpointMismatchError
 from gdlr_jax.engine._distributed import DistributedError, initialize
 from gdlr_jax.engine._memory import readable_size
+from gdlr_jax.experiments._dry_run import plan_run
 from gdlr_jax.experiments.config import (
     EXPERIMENTS,
     ConfigError,
@@ -43,7 +44,6 @@ from gdlr_jax.experiments.runner import (
     find_config,
     format_table,
     list_configs,
-    plan_run,
     run_config,
 )
 

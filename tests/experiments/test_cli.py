@@ -20,6 +20,7 @@ import yaml
 
 from gdlr_jax import __version__
 from gdlr_jax.experiments import two_neuron as two_neuron_experiment
+from gdlr_jax.experiments._dry_run import plan_run
 from gdlr_jax.experiments.cli import DATA_DIR_ENV, main
 from gdlr_jax.experiments.config import ConfigError, load_config
 from gdlr_jax.experiments.runner import (
@@ -29,7 +30,6 @@ from gdlr_jax.experiments.runner import (
     format_table,
     list_configs,
     output_dir_for,
-    plan_run,
     run_config,
     run_name,
 )
