@@ -14,17 +14,19 @@ import re
 from collections.abc import Sequence
 
 from gdlr_jax.engine._memory import readable_size
+from gdlr_jax.experiments._run_folder import (
+    _RUN_CONFIG,
+    RUNS_DIR,
+    _is_empty_dir,
+    output_dir_for,
+)
 from gdlr_jax.experiments.config import Config, ConfigError, get_experiment
 from gdlr_jax.experiments.runner import (
     _HOST_ESTIMATES,
-    _RUN_CONFIG,
-    RUNS_DIR,
     PlannedSweep,
-    _is_empty_dir,
     _naming_keywords,
     _previous_run,
     format_table,
-    output_dir_for,
     run_name,
 )
 

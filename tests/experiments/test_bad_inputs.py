@@ -423,7 +423,7 @@ def test_resume_refuses_checkpoints_that_are_a_file(capsys, cwd, checkpointed_ru
 
 def test_a_full_disk_gives_one_line_and_keeps_the_chunks(capsys, cwd, checkpointed_run,
                                                         monkeypatch):
-    from gdlr_jax.experiments import runner
+    from gdlr_jax.experiments import _run_folder as runner  # where files are written
 
     original = runner.write_atomically
 
