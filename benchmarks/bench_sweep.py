@@ -27,7 +27,12 @@ Options that measure the engine's defaults (``docs/benchmarks.md``):
   the process starts with ``--xla_force_host_platform_device_count`` = cores);
 * ``--layouts``: forward-mode columns against reverse-mode leaves for the scalar chain
   ``L = 1/2 (1 - theta_1 ... theta_d)^2``, ``d = 2, 4, 8, 16`` (the threshold
-  ``FORWARD_MODE_MAX_PARAMS``).
+  ``FORWARD_MODE_MAX_PARAMS``);
+* ``--lyapunov``: the cost of ``lyapunov=True`` on ``min(side^2, 2^16)`` trajectories: without
+  it, with the default ``lyapunov_steps`` (256) and with ``lyapunov_steps = steps``, at
+  ``eta = 1.1`` near ``(1, 1)`` (every trajectory on the period-2 orbit: all replayed) and
+  ``eta = 0.4`` on ``[-2, 2]^2`` (nearly all converge: the fixed-point exponent instead),
+  and the time of one replayed step against one step of the plain loop.
 
 Usage (the figures in docs/benchmarks.md were made with the defaults)::
 
@@ -193,8 +198,8 @@ def bench_case(name, theta0, eta, steps, repeats, limit):
         methods[f"plain scan, unroll {unroll}"] = functools.partial(scan, theta_device, eta32)
     seconds = interleaved(methods, repeats)
     result = gdlr_jax.sweep(two_neuron_loss, theta0, np.array([eta]), steps=steps, min_loss_value=0.0)
-    counts = np.bincount(np.asarray(result.status).ravel(), minlength=5) / n
     labels = [s.name for s in gdlr_jax.TrajectoryStatus]
+    counts = np.bincount(np.asarray(result.status).ravel(), minlength=len(labels)) / n
     print(f"\n== {name}: eta = {eta}, {n} trajectories x {steps} steps, float32 ==")
     print("   status fractions: " + ", ".join(f"{l} {c:.3f}" for l, c in zip(labels, counts)))
     print(f"   median steps taken: {np.median(np.asarray(result.steps_taken)):.0f}")
@@ -261,6 +266,38 @@ def bench_layouts(n, steps, repeats):
               f"(CPU {forward_cpu / reverse_cpu:.2f})")
 
 
+def bench_lyapunov(cases, steps, repeats):
+    """The engine without ``lyapunov``, with the default ``lyapunov_steps`` and with all
+    ``steps``; the extra time per replayed trajectory-step against the time per step."""
+    lengths = {"off": None, "default": min(steps, 256), "all steps": steps}
+    for name, theta0, eta in cases:
+        n = theta0.shape[0]
+        methods = {}
+        for label, length in lengths.items():
+            extra = {} if length is None else {"lyapunov": True, "lyapunov_steps": length}
+            sweep = functools.partial(gdlr_jax.sweep, two_neuron_loss, theta0, np.array([eta]),
+                                      steps=steps, min_loss_value=0.0, **extra)  # fmt: skip
+            methods[f"lyapunov {label} (L = {length or 0})"] = lambda sweep=sweep: sweep().status
+        seconds = interleaved(methods, repeats)
+        result = gdlr_jax.sweep(two_neuron_loss, theta0, np.array([eta]), steps=steps,
+                                min_loss_value=0.0, lyapunov=True)  # fmt: skip
+        labels = [s.name for s in gdlr_jax.TrajectoryStatus]
+        counts = np.bincount(result.status.ravel(), minlength=len(labels)) / n
+        print(f"\n== lyapunov, {name}: eta = {eta}, {n} trajectories x {steps} steps, float32 ==")
+        print("   status fractions: " + ", ".join(f"{l} {c:.3f}" for l, c in zip(labels, counts)))
+        print(f"   median steps taken: {np.median(result.steps_taken):.0f}")
+        off, off_cpu = seconds.pop("lyapunov off (L = 0)")
+        print(f"   {'lyapunov off (L = 0)':40s} {off:8.3f} s wall {off_cpu:8.3f} s CPU")
+        all_running = np.median(result.steps_taken) == steps
+        for (key, (wall, cpu)), length in zip(seconds.items(), list(lengths.values())[1:]):
+            line = (f"   {key:40s} {wall:8.3f} s wall {cpu:8.3f} s CPU  {wall / off:.2f}x "
+                    f"({cpu / off_cpu:.2f}x CPU) the time without")  # fmt: skip
+            if all_running:  # every trajectory replayed: the extra time per replayed step
+                extra = (wall - off) / (n * length)
+                line += f"; a Lyapunov step costs {extra / (off / (n * steps)):.2f} plain steps"
+            print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", type=int, default=1024, help="grid side (side^2 inits)")
@@ -271,6 +308,7 @@ def main():
     parser.add_argument("--step-blocks", default="", help="e.g. 1,2,4,8")
     parser.add_argument("--devices", action="store_true")
     parser.add_argument("--layouts", action="store_true")
+    parser.add_argument("--lyapunov", action="store_true")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -298,6 +336,14 @@ def main():
         bench_devices(near, 1.1, args.steps, args.repeats, limit)
     if args.layouts:
         bench_layouts(min(grid.shape[0], 1 << 16), args.steps, args.repeats)
+    if args.lyapunov:
+        small = min(args.side, 256)  # 2^16 trajectories
+        bench_lyapunov(
+            [("all replayed, near (1, 1)", grid_of_inits(small, 0.95, 1.05), 1.1),
+             ("most converge, [-2, 2]^2", grid_of_inits(small), 0.4)],
+            args.steps,
+            args.repeats,
+        )
 
 
 if __name__ == "__main__":

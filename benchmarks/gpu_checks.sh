@@ -27,6 +27,7 @@ if [ "${GPU_CHECKS_TINY:-0}" = 1 ]; then  # a CPU try of the script: seconds per
   CURV_ARGS="--depth 1 --width 8 --lanczos-iterations 20 --power-iterations 50 --repeats 1"
   MNIST_SET="--set data.max_examples=64 --set training.n_init=2 --set training.steps=20 --set model.depths=[1] --set training.etas=[0.1,1.0] --set training.record_every=10 --set engine.check_every=10 --set engine.etas_per_chunk=2"
   BOUNDARY_SET="--set data.max_examples=64 --set zoom.levels=2 --set zoom.resolution=33 --set zoom.steps=20"
+  CRITICAL_SET="--set data.max_examples=64 --set model.depths=[1] --set model.width=8 --set search.n_init=35 --set search.steps=20 --set search.etas_per_round=2 --set search.max_rounds=1 --set engine.check_every=10"
   LIMIT=300 LIMIT_SWEEP=300
 else  # accelerator sizes, shrunk from the paper-scale configs to fit the 8 minutes
   SWEEP_ARGS="--side 2048 --steps 1000 --repeats 3 --step-blocks 1,2,4,8"
@@ -34,7 +35,8 @@ else  # accelerator sizes, shrunk from the paper-scale configs to fit the 8 minu
   CURV_ARGS="--depth 4 --width 256 --repeats 3"
   MNIST_SET="--set training.n_init=20 --set training.steps=1000 --set model.depths=[1,4,16] --set training.record_every=100"
   BOUNDARY_SET="--set zoom.levels=2 --set zoom.resolution=257 --set zoom.steps=1000"
-  LIMIT=60 LIMIT_SWEEP=90  # 90 + 2 x 60 + 60 per config: under 8 minutes with 3 configs
+  CRITICAL_SET="--set search.n_init=40 --set search.steps=1000 --set model.depths=[1,16] --set search.etas_per_round=4 --set search.max_rounds=2"
+  LIMIT=60 LIMIT_SWEEP=90  # 90 + 2 x 60 + 60 per config: under 8 minutes with 4 configs
 fi
 
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND, its output and timing into $OUT
@@ -61,6 +63,7 @@ for config in configs/*_gpu.yaml; do
   name=$(basename "$config" .yaml)
   case $name in
     fractal_boundary_*) overrides=$BOUNDARY_SET ;;
+    critical_step_size_*) overrides=$CRITICAL_SET ;;
     *) overrides=$MNIST_SET ;;
   esac
   step "gdlr run $name" "$LIMIT" gdlr run "$config" --data-dir "$MNIST_DIR" --out "$RUNS/$name" --no-progress $overrides

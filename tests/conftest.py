@@ -6,20 +6,44 @@
 * ``jax_numpy_rank_promotion="raise"``: an accidental broadcast of a (n,) against (n, 1) is an
   error, not a silently wrong number.
 * hypothesis runs derandomized (reproducible in CI), without deadline (the first call of a
-  jitted function compiles), with few examples (2-core machine).
+  jitted function compiles), with few examples (2-core machine); in the quick subset
+  (``pytest -m "not slow"``) every property test runs at most ``strategies.QUICK_EXAMPLES``.
+* A persistent XLA compilation cache in a temporary folder of this test session (removed at
+  its end; shared by pytest-xdist workers and by the ``gdlr`` processes the tests start,
+  through ``JAX_COMPILATION_CACHE_DIR``): tests build fresh closures of the same programs,
+  which then compile once. Set ``GDLR_TESTS_XLA_CACHE=0`` to compile everything afresh.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
+import strategies
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+_CACHE_OWNER = os.environ.get("GDLR_TESTS_XLA_CACHE") is None
+if _CACHE_OWNER:
+    os.environ["GDLR_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="gdlr-tests-xla-cache-")
+if os.environ["GDLR_TESTS_XLA_CACHE"] != "0":
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["GDLR_TESTS_XLA_CACHE"]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    jax.config.update("jax_compilation_cache_dir", os.environ["GDLR_TESTS_XLA_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Removes the session's compilation cache (only the process that made it)."""
+    if _CACHE_OWNER and os.environ["GDLR_TESTS_XLA_CACHE"] != "0":
+        shutil.rmtree(os.environ["GDLR_TESTS_XLA_CACHE"], ignore_errors=True)
+
 
 settings.register_profile(
     "ci",
@@ -31,6 +55,16 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=50)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The quick subset (a marker expression that leaves out ``slow``) runs few examples."""
+    strategies.QUICK = "not slow" in (config.option.markexpr or "")
+    if strategies.QUICK:
+        settings.register_profile(
+            "quick", parent=settings(), max_examples=strategies.QUICK_EXAMPLES
+        )
+        settings.load_profile("quick")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

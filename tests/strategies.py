@@ -1,4 +1,5 @@
-"""Hypothesis strategies shared by the theory tests: random linear networks and their data."""
+"""Hypothesis strategies shared by the theory tests: random linear networks and their data,
+and the number of examples a property test runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from gdlr_jax.linear import LinearNetwork
+
+#: Set by tests/conftest.py: True in the quick subset (``pytest -m "not slow"``), where every
+#: property test runs at most ``QUICK_EXAMPLES`` examples; the full suite (CI) runs all of them.
+QUICK = False
+QUICK_EXAMPLES = 1
+
+
+def examples(n: int) -> int:
+    """``max_examples`` of a property test: ``n`` in the full suite, at most ``QUICK_EXAMPLES``
+    in the quick subset."""
+    return min(n, QUICK_EXAMPLES) if QUICK else n
 
 
 @st.composite

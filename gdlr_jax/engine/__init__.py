@@ -8,6 +8,8 @@
   over lanes and sharded over devices;
 * ``_trajectory_status``: :class:`TrajectoryStatus`, :class:`ConvergenceCriteria` and the
   classification of an evaluation and of the final window;
+* ``_lyapunov``: the maximal Lyapunov exponent of the GD map (``sweep(..., lyapunov=True)``)
+  and the ``CHAOTIC`` status;
 * ``_minibatches``: minibatch schedules for SGD;
 * ``_results``: :class:`SweepResult` and :class:`SweepChunk`;
 * ``_critical_step_estimate``: :func:`estimate_critical_step_size`, the step size where

@@ -49,7 +49,13 @@ _LAYOUT = "__layout__"  # the npz entry describing the fields of a chunk file
 #: engine options and chunk fields added after checkpoints were first written: an option at
 #: its default is left out of the fingerprint and a field missing from a file is None, so
 #: those checkpoints still resume
-_ADDED_FIELDS = frozenset({"stop_at_convergence", "converged_at"})
+_ADDED_FIELDS = frozenset(
+    {"stop_at_convergence", "converged_at", "lyapunov_steps", "lyapunov_exponent"}
+)
+#: engine options that change how fast the chunks are computed, never their values (the step
+#: loop's block length: ``tests/engine/test_sweep_layouts.py`` checks results bit for bit across
+#: step_block values), so a folder resumes with any value of them
+_SPEED_ONLY_FIELDS = frozenset({"step_block"})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # memory addresses in reprs differ run to run
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -160,7 +166,9 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     jax, and a digest of the engine's source (an edited working tree is another code
     version), and the number and kind of the devices: statuses do not depend on them, but
     values of matmul losses differ in the last bits between chunk sizes and device counts
-    (``docs/engine.md``), so chunks of different layouts are never mixed.
+    (``docs/engine.md``), so chunks of different layouts are never mixed. Options that only
+    change the speed (``step_block``: the chunks are bit-identical for every value) are left
+    out, so a folder resumes with another value of them.
     """
     config = plan._config
     keys = None if plan._keys is None else jax.random.key_data(plan._keys)
@@ -184,7 +192,7 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     for field in dataclasses.fields(config):
         if field.name in _ADDED_FIELDS and getattr(config, field.name) == field.default:
             continue  # at its default, a field added later fingerprints like its absence
-        if field.name != "loss_fn":
+        if field.name not in _SPEED_ONLY_FIELDS | {"loss_fn"}:
             fingerprint[f"engine.{field.name}"] = _describe(getattr(config, field.name))
     return fingerprint
 

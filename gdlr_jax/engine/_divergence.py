@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import PRNGKeyArray
 
-from gdlr_jax.engine._lanes import Lanes, StepSizes
+from gdlr_jax.engine._lanes import Lanes, StepSizes, pack, packed_block
 from gdlr_jax.engine._minibatches import Minibatches, epoch_permutation, minibatch
 from gdlr_jax.engine._problem import Problem
 from gdlr_jax.engine._trajectory_status import TrajectoryStatus
@@ -37,9 +37,7 @@ def pinpoint_divergence(
     pending = (lanes.status == TrajectoryStatus.DIVERGED) & (
         lanes.detected_at > lanes.steps_taken
     )
-    count = jnp.sum(pending, dtype=jnp.int32)
-    slot = jnp.where(pending, jnp.cumsum(pending, dtype=jnp.int32) - 1, m)
-    order = jnp.zeros(m, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    count, order = pack(pending)
 
     def replay(state, opt_state, eta, check_eta, start, stop, key):
         def running(carry):
@@ -73,10 +71,7 @@ def pinpoint_divergence(
 
     def body(carry):
         b, lanes = carry
-        first = jnp.minimum(b * block, m - block)
-        index = lax.dynamic_slice(order, (first,), (block,))
-        position = first + jnp.arange(block)
-        valid = (position >= b * block) & (position < count)
+        index, valid = packed_block(order, count, b, block)
         take = functools.partial(jnp.take, indices=index, axis=0)
         state, opt_state, t, loss, grad_norm, step_norm = replay_block(
             tuple(map(take, lanes.state)),

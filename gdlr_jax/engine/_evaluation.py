@@ -29,8 +29,8 @@ from gdlr_jax.problems._pytree import PyTree
 
 def next_evaluation(config: EngineConfig, t: Int[Array, ""]) -> Int[Array, ""]:
     """The evaluation time after ``t``: the least of ``steps``, the start of the final window
-    (if still ahead), the next power of two (below ``check_every``), and the next multiples of
-    ``check_every``, ``record_every`` and ``sharpness_every``."""
+    and of the Lyapunov steps (if still ahead), the next power of two (below ``check_every``),
+    and the next multiples of ``check_every``, ``record_every`` and ``sharpness_every``."""
     every = config.check_every
     window_start = config.steps - config.window
     power_of_two = jnp.left_shift(jnp.int32(1), 32 - lax.clz(t))
@@ -39,6 +39,9 @@ def next_evaluation(config: EngineConfig, t: Int[Array, ""]) -> Int[Array, ""]:
         jnp.where(t < every, power_of_two, config.steps),
         (t // every + 1) * every,
     ]
+    if config.lyapunov_steps:
+        lyapunov_start = config.steps - config.lyapunov_steps
+        candidates.append(jnp.where(t < lyapunov_start, lyapunov_start, config.steps))
     for interval in (config.record_every, config.sharpness_every):
         if interval is not None:
             candidates.append((t // interval + 1) * interval)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from gdlr_jax.curvature._lanczos import state_dtype
@@ -91,6 +92,7 @@ class LaneResults(NamedTuple):
     recorded_sharpness: Float[Array, "m n_sharp"] | None
     final_sharpness: Float[Array, " m"] | None
     converged_at: Int[Array, " m"] | None = None
+    lyapunov_exponent: Float[Array, " m"] | None = None
 
 
 def select(mask: Bool[Array, " m"], on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -100,6 +102,29 @@ def select(mask: Bool[Array, " m"], on_true: PyTree, on_false: PyTree) -> PyTree
         return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
 
     return jax.tree_util.tree_map(pick, on_true, on_false)
+
+
+def pack(mask: Bool[Array, " m"]) -> tuple[Int[Array, ""], Int[Array, " m"]]:
+    """The lanes of ``mask`` packed to the front: ``(count, order)``, ``order[:count]`` their
+    indices in increasing order (the rest 0), for work on a few lanes in compact blocks."""
+    m = mask.shape[0]
+    count = jnp.sum(mask, dtype=jnp.int32)
+    slot = jnp.where(mask, jnp.cumsum(mask, dtype=jnp.int32) - 1, m)
+    order = jnp.zeros(m, jnp.int32).at[slot].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    return count, order
+
+
+def packed_block(
+    order: Int[Array, " m"], count: Int[Array, ""], b: Int[Array, ""], block: int
+) -> tuple[Int[Array, " block"], Bool[Array, " block"]]:
+    """Block ``b`` of ``block`` packed lanes (:func:`pack`): their indices and which slots hold
+    one (the last block is shifted back to stay inside ``m``; slots of earlier blocks and past
+    ``count`` are not valid)."""
+    m = order.shape[0]
+    first = jnp.minimum(b * block, m - block)
+    index = lax.dynamic_slice(order, (first,), (block,))
+    position = first + jnp.arange(block)
+    return index, (position >= b * block) & (position < count)
 
 
 def evaluate_lanes(

@@ -35,9 +35,11 @@ def bytes_per_trajectory(
 
     Parameters are held about six times (iterate, rollback copy, step, gradient, evaluation),
     the optimiser state twice, plus the final-window history, the recordings and, with
-    per-initialisation batches, a shuffle and a batch, and with sharpness tracking the Lanczos
-    basis. Activations of ``loss_fn`` are not
-    counted: lower the budget for large models.
+    per-initialisation batches, a shuffle and a batch, with sharpness tracking the Lanczos
+    basis, and with the Lyapunov exponent the snapshot at ``steps - lyapunov_steps``, the
+    tangent replay (iterate, tangent, their JVP: about four copies) and the Lanczos basis of
+    the fixed points. Activations of ``loss_fn`` are not counted: lower the budget for large
+    models.
     """
     single = one_trajectory(params)
     param_bytes = tree_bytes(single)
@@ -56,6 +58,11 @@ def bytes_per_trajectory(
         num_params = param_bytes // scalar
         total += (config.sharpness_iterations + 3) * num_params * state
         total += config.num_sharpness * scalar
+    if config.lyapunov_steps:  # snapshot, tangent replay, fixed-point Lanczos, exponent
+        state = np.dtype(state_dtype()).itemsize
+        num_params = param_bytes // scalar
+        total += 5 * param_bytes + (config.sharpness_iterations + 3) * num_params * state
+        total += scalar
     if source is not None and not config.same_batches:
         example_bytes = sum(
             math.prod(x.shape[1:]) * x.dtype.itemsize
@@ -74,6 +81,8 @@ def result_bytes_per_trajectory(config: EngineConfig, params: PyTree) -> int:
     total += config.num_records * (2 * scalar + (param_bytes if config.record_params else 0))
     if config.sharpness_every is not None:
         total += (config.num_sharpness + 1) * scalar
+    if config.lyapunov_steps:
+        total += scalar
     return int(total)
 
 

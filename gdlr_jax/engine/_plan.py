@@ -43,6 +43,7 @@ from gdlr_jax.engine._validation import (
     check_etas,
     check_key,
     check_loss,
+    check_lyapunov,
     check_optimizer,
     check_params,
     check_positive_int,
@@ -222,6 +223,8 @@ def plan_sweep(
     same_batches: bool = True,
     step_block: int | None = None,
     stop_at_convergence: bool = True,
+    lyapunov: bool = False,
+    lyapunov_steps: int | None = None,
 ) -> SweepPlan:
     """Validates the arguments of :func:`sweep` and cuts its grid into chunks.
 
@@ -266,8 +269,19 @@ def plan_sweep(
         raise ValueError(f"min_loss_value must be a finite number or None, got {min_loss_value!r}.")
     if record_params and record_every is None:
         raise ValueError("record_params=True needs record_every (the recording interval).")
-    if sharpness_iterations is not None and sharpness_every is None:
-        raise ValueError("sharpness_iterations needs sharpness_every (the measuring interval).")
+    lyapunov_steps = check_lyapunov(
+        lyapunov,
+        lyapunov_steps,
+        steps=int(steps),
+        window=min(criteria.window, int(steps)),
+        optimizer=optimizer,
+        batch_source=batch_source,
+    )
+    if sharpness_iterations is not None and sharpness_every is None and not lyapunov:
+        raise ValueError(
+            "sharpness_iterations needs sharpness_every (the measuring interval) or "
+            "lyapunov=True (the Lanczos steps at converged trajectories)."
+        )
     num_params = sum(
         math.prod(leaf.shape[1:]) for leaf in jax.tree_util.tree_leaves(params_host)
     )
@@ -298,12 +312,15 @@ def plan_sweep(
         batch_size=None if source is None else source.batch_size,
         same_batches=bool(same_batches),
         sharpness_every=None if sharpness_every is None else int(sharpness_every),
-        sharpness_iterations=0 if sharpness_every is None else int(sharpness_iterations),
+        sharpness_iterations=(
+            0 if sharpness_every is None and not lyapunov else int(sharpness_iterations)
+        ),
         step_block=(
             STEP_BLOCK.get(devices[0].platform, 1) if step_block is None else int(step_block)
         ),
         per_leaf_etas=per_leaf_etas,
         stop_at_convergence=bool(stop_at_convergence),
+        lyapunov_steps=lyapunov_steps,
     )
     n_dev = len(devices)
     total = jax.tree_util.tree_leaves(etas_host)[0].shape[0] * n_init

@@ -21,6 +21,7 @@ the sharpness (Lanczos).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -47,6 +48,9 @@ State = tuple  # the parameters of one lane (or of m lanes, each entry with a la
 # d = 4, 1.6x at d = 8 and 3.3x at d = 16.
 FORWARD_MODE_MAX_PARAMS = 4
 SHARPNESS_ITERATIONS = 20  # default Lanczos steps per sharpness measurement (at most d)
+# default final steps of the Lyapunov exponent (at least the window, at most steps): its
+# spread over starts of a chaotic cubic map is ~0.015 at 256 steps (ConvergenceCriteria)
+LYAPUNOV_STEPS = 256
 STEP_BLOCK = {"cpu": 1, "gpu": 4, "tpu": 4}  # default steps per unrolled block, per backend
 
 
@@ -73,6 +77,7 @@ class EngineConfig:
     step_block: int = 1  # steps per unrolled block of the step loop
     per_leaf_etas: bool = False  # etas is a pytree like the params, one step size per leaf
     stop_at_convergence: bool = True  # False: converged lanes keep stepping and recording
+    lyapunov_steps: int = 0  # final steps of the Lyapunov exponent (0: not measured)
 
     @property
     def window(self) -> int:
@@ -163,6 +168,15 @@ class Layout(NamedTuple):
             return jnp.stack(state)
         return jnp.concatenate([jnp.ravel(x) for x in state])
 
+    def entries(self, theta: Float[Array, " d"]) -> State:
+        """The state of one lane from its ``theta (d,)`` (the inverse of :meth:`flat`)."""
+        if self.columns:
+            return tuple(theta[i] for i in range(theta.shape[0]))
+        bounds = [0, *itertools.accumulate(self.sizes)]
+        return tuple(
+            theta[a:b].reshape(shape) for a, b, shape in zip(bounds, bounds[1:], self.shapes)
+        )
+
 
 class Problem(NamedTuple):
     """The objective of one trajectory over its :data:`State` (vmapped over lanes)."""
@@ -240,6 +254,12 @@ class Problem(NamedTuple):
         """The number of scalars of each entry of the state."""
         return (1,) * sum(self.layout.sizes) if self.layout.columns else self.layout.sizes
 
+    def flat_etas(self, eta: State) -> Float[Array, " d"]:
+        """The step size of every scalar parameter of one lane, ``(d,)`` in ``ravel_pytree``
+        order (``eta`` holds the step size of each entry of the state)."""
+        sizes = self._entry_sizes()
+        return jnp.concatenate([jnp.broadcast_to(e, (n,)) for e, n in zip(eta, sizes)])
+
     def within_bound(self, state: State) -> Bool[Array, ""]:
         """Every entry finite with ``|theta_i| <= divergence_bound`` (a NaN compares false)."""
         bound = self.config.criteria.divergence_bound
@@ -262,19 +282,17 @@ class Problem(NamedTuple):
         grad = self.layout.flat(grad_entries)
         grad_norm = jnp.sqrt(sum_last_axis(jnp.square(grad)))
         if self.config.per_leaf_etas:
-            per_entry = [jnp.broadcast_to(e, (size,)) for e, size in zip(eta, self._entry_sizes())]
-            scaled = jnp.concatenate(per_entry) * grad
+            scaled = self.flat_etas(eta) * grad
             step_norm = jnp.sqrt(sum_last_axis(jnp.square(scaled)))
         else:
             step_norm = check_eta * grad_norm
         return loss, grad_norm, step_norm, self.within_bound(state)
 
-    def sharpness(
-        self, state: State, v0: Float[Array, " d"]
-    ) -> tuple[Float[Array, ""], Float[Array, " d"]]:
-        """``lambda_max`` of the full-batch Hessian at ``state`` and its Ritz vector, by
-        ``sharpness_iterations`` Lanczos steps from ``v0`` (forward-over-reverse products on
-        the flat vector ``theta``)."""
+    def hessian_matvec(
+        self, state: State
+    ) -> tuple[Float[Array, " d"], Callable[[Float[Array, " d"]], Float[Array, " d"]]]:
+        """``theta (d,)`` of ``state`` and ``v -> H v``, the full-batch Hessian at ``theta``
+        applied to a flat vector (forward over reverse: a JVP of the gradient)."""
         theta, loss = self.flat_loss(state)
 
         def gradient(theta: Float[Array, " d"]) -> Float[Array, " d"]:
@@ -283,6 +301,15 @@ class Problem(NamedTuple):
         def matvec(v: Float[Array, " d"]) -> Float[Array, " d"]:
             return jax.jvp(gradient, (theta,), (v,))[1]
 
+        return theta, matvec
+
+    def sharpness(
+        self, state: State, v0: Float[Array, " d"]
+    ) -> tuple[Float[Array, ""], Float[Array, " d"]]:
+        """``lambda_max`` of the full-batch Hessian at ``state`` and its Ritz vector, by
+        ``sharpness_iterations`` Lanczos steps from ``v0`` (forward-over-reverse products on
+        the flat vector ``theta``)."""
+        theta, matvec = self.hessian_matvec(state)
         values, vectors = top_eigenvalues(
             matvec,
             theta,

@@ -52,6 +52,14 @@ class SweepResult(NamedTuple):
             recorded on to ``steps`` (or until it leaves the bound, where it stops at its last
             iterate inside): its ``steps_taken``, ``final_*``, ``asymptotic_step_norm`` and
             recordings describe where it went after converging.
+        lyapunov_exponent: only with ``lyapunov=True``, else ``None``: the maximal
+            finite-time Lyapunov exponent of the GD map (per step, natural log)
+            ``(n_eta, n_init)``: for a trajectory still running at the end, the mean of
+            ``log ||DG(theta_t) v_t||`` over its last ``lyapunov_steps`` steps (``DG = I -
+            eta H``, the tangent ``v_t`` renormalised every step); for a converged one,
+            ``max_i log|1 - eta lambda_i|`` over the Hessian's eigenvalues at its fixed point
+            (``D^1/2 H D^1/2`` with step sizes per leaf); NaN for a diverged one
+            (``gdlr_jax.engine._lyapunov``).
     """
 
     etas: Float[np.ndarray, " n_eta"]
@@ -71,6 +79,7 @@ class SweepResult(NamedTuple):
     recorded_sharpness: Float[np.ndarray, "n_eta n_init n_sharp"] | None = None
     final_sharpness: Float[np.ndarray, "n_eta n_init"] | None = None
     converged_at: Int[np.ndarray, "n_eta n_init"] | None = None
+    lyapunov_exponent: Float[np.ndarray, "n_eta n_init"] | None = None
 
     def fraction(self, status: TrajectoryStatus | int) -> Float[np.ndarray, " n_eta"]:
         """Fraction of the initialisations with the given status, per step size."""
@@ -108,3 +117,4 @@ class SweepChunk(NamedTuple):
     recorded_sharpness: np.ndarray | None = None
     final_sharpness: np.ndarray | None = None
     converged_at: np.ndarray | None = None
+    lyapunov_exponent: np.ndarray | None = None

@@ -22,6 +22,7 @@ from gdlr_jax.engine._evaluation import (
     record_sharpness,
 )
 from gdlr_jax.engine._lanes import RUNNING, LaneResults, StepSizes, select, start_lanes
+from gdlr_jax.engine._lyapunov import lyapunov_exponents
 from gdlr_jax.engine._problem import EngineConfig, Layout, Problem, uses_columns
 from gdlr_jax.engine._stepping import run_phase
 from gdlr_jax.engine._trajectory_status import TrajectoryStatus
@@ -51,11 +52,30 @@ def run_lanes(
     lanes = record(config, lanes, jnp.int32(0), lanes.final_loss, lanes.final_step_norm)
     lanes = record_sharpness(problem, lanes, jnp.int32(0))
     window = config.window
-    t, lanes, _ = run_phase(
-        problem, lanes, jnp.int32(0), config.steps - window, None, step_sizes, keys
-    )
+    window_start = config.steps - window
+    # with lyapunov_steps, the iterates at steps - lyapunov_steps (an evaluation time) are kept
+    # for the tangent replay of the lanes still running at the end
+    lyapunov_start = config.steps - config.lyapunov_steps if config.lyapunov_steps else None
+    snapshot = lanes.state
+    if lyapunov_start is not None and lyapunov_start < window_start:
+        t, lanes, _ = run_phase(
+            problem, lanes, jnp.int32(0), lyapunov_start, None, step_sizes, keys
+        )
+        snapshot = lanes.state
+        t, lanes, _ = run_phase(problem, lanes, t, window_start, None, step_sizes, keys)
+    else:
+        t, lanes, _ = run_phase(
+            problem, lanes, jnp.int32(0), window_start, None, step_sizes, keys
+        )
     m, d = step_sizes.check.shape[0], sum(layout.sizes)
     history = jnp.zeros((window, m, d), jax.tree_util.tree_leaves(params)[0].dtype)
+    if lyapunov_start is not None and lyapunov_start > window_start:
+        t, lanes, history = run_phase(
+            problem, lanes, t, lyapunov_start, history, step_sizes, keys
+        )
+        snapshot = lanes.state
+    elif lyapunov_start == window_start:
+        snapshot = lanes.state
     _, lanes, history = run_phase(
         problem, lanes, t, config.steps, history, step_sizes, keys
     )
@@ -65,6 +85,11 @@ def run_lanes(
     still_running = lanes.status == RUNNING
     lanes, period, mean_step = classify_final_window(problem, lanes, history)
     lanes = pinpoint_divergence(problem, lanes, step_sizes, keys)
+    exponent = None
+    if config.lyapunov_steps:
+        lanes, exponent = lyapunov_exponents(
+            problem, lanes, snapshot, still_running, period, step_sizes
+        )
     lanes = fill_recordings(config, lanes)
     final_sharpness_, recorded_sharpness = final_sharpness(problem, lanes)
     diverged = lanes.status == TrajectoryStatus.DIVERGED
@@ -89,6 +114,7 @@ def run_lanes(
         recorded_sharpness=recorded_sharpness,
         final_sharpness=final_sharpness_,
         converged_at=lanes.converged_at,
+        lyapunov_exponent=exponent,
     )
 
 

@@ -24,6 +24,11 @@ How it runs (details and every default in ``docs/engine.md``):
   iterate inside the bound: ``steps_taken`` is then the exact step of divergence;
 * the final ``window`` iterates of the trajectories still running are kept to measure their
   asymptotic step length and to look for periodic orbits;
+* with ``lyapunov=True``, the maximal Lyapunov exponent of the GD map: a tangent vector is
+  carried through the last ``lyapunov_steps`` steps of the trajectories still running
+  (replayed from their iterates at ``steps - lyapunov_steps``), the fixed point's
+  ``max_i log|1 - eta lambda_i|`` for converged ones; bounded, non-periodic trajectories
+  with an exponent above ``criteria.lyapunov_tol`` are ``CHAOTIC``;
 * with ``sharpness_every = K``, the sharpness ``lambda_max`` of the full-batch Hessian is
   estimated every ``K`` steps for every trajectory by a few Lanczos iterations
   (Hessian-vector products), each warm-started from the trajectory's previous Ritz vector.
@@ -75,6 +80,8 @@ def sweep(
     checkpoint_dir: str | os.PathLike | None = None,
     step_block: int | None = None,
     stop_at_convergence: bool = True,
+    lyapunov: bool = False,
+    lyapunov_steps: int | None = None,
 ) -> SweepResult:
     """Runs GD (or SGD, or an optax optimiser) from every initialisation at every step size.
 
@@ -119,7 +126,8 @@ def sweep(
             (Hessian-vector products) per trajectory, warm-started from its previous Ritz
             vector, so it tracks the top eigenvalue as it drifts (``docs/engine.md``).
         sharpness_iterations: Lanczos steps per measurement, ``<= d`` (default
-            ``min(20, d)``, ``d`` the number of parameters).
+            ``min(20, d)``, ``d`` the number of parameters); also those of the exponent of a
+            converged trajectory with ``lyapunov=True``.
         dtype: floating dtype of parameters, step sizes and floating data (float32 default;
             float64 needs ``jax_enable_x64``).
         chunk_size: trajectories per chunk (rounded up to a multiple of the device count); by
@@ -151,6 +159,20 @@ def sweep(
             first convergence time goes to ``SweepResult.converged_at``, and it is stepped and
             recorded on to ``steps`` (Figures 5-6: the asymptotic ``eta ||grad L||``), unless it
             leaves the bound, where it stops at its last iterate inside.
+        lyapunov: measure the maximal Lyapunov exponent of the GD map ``G(theta) = theta -
+            eta grad L(theta)`` (plain full-batch GD only) into
+            ``SweepResult.lyapunov_exponent``: for a trajectory still running at the end the
+            finite-time exponent ``(1/L) sum_t log ||DG(theta_t) v_t||`` over its last ``L =
+            lyapunov_steps`` steps, ``DG v = v - eta H v`` (``v_l - eta_l (H v)_l`` with step
+            sizes per leaf) by a JVP of the step, the tangent ``v_t`` renormalised every step;
+            for a converged one ``max_i log|1 - eta lambda_i|`` over the Hessian's eigenvalues
+            at its fixed point (of ``D^1/2 H D^1/2``, ``D`` the step sizes, per leaf); NaN for
+            a diverged one. A running trajectory without a period whose exponent exceeds
+            ``criteria.lyapunov_tol`` becomes ``CHAOTIC``. Costs about one Hessian-vector
+            product per step of the ``L`` replayed steps, and adds the evaluation time
+            ``steps - L`` (``docs/engine.md``, "Lyapunov exponents").
+        lyapunov_steps: ``L``, the final steps of the exponent, ``1 <= L <= steps`` (only
+            with ``lyapunov=True``); default ``min(steps, max(256, window))``.
 
     Returns:
         A :class:`SweepResult` with arrays ``(n_eta, n_init)``.
@@ -165,7 +187,8 @@ def sweep(
             (``ChunkMemoryError``), or results estimated not to fit in the host's available
             memory (``HostMemoryError``): the message says how to reduce it;
             ``jax.ShapeDtypeStruct`` leaves in ``params0`` (those only plan, see
-            :func:`plan_sweep`).
+            :func:`plan_sweep`); ``lyapunov=True`` with an ``optimizer`` or a
+            ``batch_source``, or ``lyapunov_steps`` without it or above ``steps``.
         gdlr_jax.engine._checkpoint.CheckpointMismatchError: (a ``ValueError``) when
             ``checkpoint_dir`` holds chunks of a sweep with other arguments; the message names
             what differs.
@@ -192,6 +215,8 @@ def sweep(
         same_batches=same_batches,
         step_block=step_block,
         stop_at_convergence=stop_at_convergence,
+        lyapunov=lyapunov,
+        lyapunov_steps=lyapunov_steps,
     )
     if plan.abstract:
         raise ValueError(

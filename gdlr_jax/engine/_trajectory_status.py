@@ -27,7 +27,8 @@ class TrajectoryStatus(enum.IntEnum):
 
     Attributes:
         NOT_CONVERGED: bounded after ``steps`` steps, not converged, no periodic orbit found
-            (chaotic, still drifting, or converging too slowly for the tolerances).
+            (still drifting, quasi-periodic, converging too slowly for the tolerances, or,
+            without ``lyapunov=True``, chaotic).
         CONVERGED_MINIMUM: converged, and the loss is within ``loss_tol`` of the known minimum
             value (or no minimum value was given: see :class:`ConvergenceCriteria`).
         CONVERGED_CRITICAL_POINT: converged to a critical point whose loss is more than
@@ -37,6 +38,9 @@ class TrajectoryStatus(enum.IntEnum):
             the trajectory is stopped at its last iterate inside that region.
         PERIODIC: bounded and not converged, with iterates repeating at a lag ``p`` with
             ``2 <= p <= max_period`` over the final window (the period is in ``period``).
+        CHAOTIC: only with ``sweep(..., lyapunov=True)``: bounded, not converged, no periodic
+            orbit, and a finite-time maximal Lyapunov exponent above ``lyapunov_tol`` over the
+            final ``lyapunov_steps`` steps (nearby trajectories separate exponentially).
     """
 
     NOT_CONVERGED = 0
@@ -44,6 +48,7 @@ class TrajectoryStatus(enum.IntEnum):
     CONVERGED_CRITICAL_POINT = 2
     DIVERGED = 3
     PERIODIC = 4
+    CHAOTIC = 5
 
 
 class ConvergenceCriteria(NamedTuple):
@@ -63,7 +68,11 @@ class ConvergenceCriteria(NamedTuple):
     A trajectory still running after the last step is **periodic** with period ``p`` if ``p``
     is the smallest lag in ``1..max_period`` with ``||theta_j - theta_{j-p}||_inf <= period_tol
     * (1 + ||theta_j||_inf)`` for its last ``p + 1`` iterates ``j``, and ``p >= 2`` (``p = 1``,
-    a stalled trajectory, reports period 0); see :func:`orbit_summary`.
+    a stalled trajectory, reports period 0); see :func:`orbit_summary`. With
+    ``sweep(..., lyapunov=True)``, one that is bounded, not converged and not periodic is
+    **chaotic** if its maximal finite-time Lyapunov exponent ``lambda_1`` (the mean of
+    ``log ||DG v_t||`` over the final steps, :mod:`gdlr_jax.engine._lyapunov`) exceeds
+    ``lyapunov_tol``.
 
     Attributes:
         grad_tol: bound on the full-batch gradient norm for convergence.
@@ -75,6 +84,12 @@ class ConvergenceCriteria(NamedTuple):
             periodic orbits are sought (``>= 2 * max_period``; capped at ``steps``).
         max_period: largest period looked for.
         period_tol: relative tolerance of the lag comparison.
+        lyapunov_tol: the least maximal Lyapunov exponent (per step, natural log) of a
+            ``CHAOTIC`` trajectory (only used with ``lyapunov=True``). The default 0.05 is
+            above the finite-time exponent ``k log(L) / L`` of a tangent growing like ``t^k``
+            (a neutral or sheared, not chaotic, orbit) for ``k <= 2`` over the default
+            ``L = 256`` steps (0.043), and about three times the spread of the estimate over
+            starts of the cubic map of ``x^4/4 - x^2/2`` at ``eta = 1.6`` (0.015).
     """
 
     grad_tol: float = 1e-5
@@ -84,10 +99,11 @@ class ConvergenceCriteria(NamedTuple):
     window: int = 16
     max_period: int = 8
     period_tol: float = 1e-5
+    lyapunov_tol: float = 0.05
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first field that is out of range."""
-        for name in ("grad_tol", "step_tol", "loss_tol", "period_tol"):
+        for name in ("grad_tol", "step_tol", "loss_tol", "period_tol", "lyapunov_tol"):
             value = getattr(self, name)
             if not _is_real(value) or not value >= 0 or math.isnan(value):
                 raise ValueError(

@@ -15,6 +15,7 @@ from jaxtyping import PRNGKeyArray
 
 from gdlr_jax.engine._memory import one_trajectory
 from gdlr_jax.engine._minibatches import Minibatches
+from gdlr_jax.engine._problem import LYAPUNOV_STEPS
 from gdlr_jax.problems._pytree import PyTree, check_finite, check_loss_dtype
 
 
@@ -236,3 +237,44 @@ def check_loss(loss_fn: Any, params: PyTree, source: Minibatches | None) -> None
             f"loss_fn must return a scalar for {what}, got {shape or type(out).__name__}."
         )
     check_loss_dtype(out.dtype, f" for {what}")
+
+
+def check_lyapunov(
+    lyapunov: Any,
+    lyapunov_steps: Any,
+    *,
+    steps: int,
+    window: int,
+    optimizer: Any,
+    batch_source: Any,
+) -> int:
+    """The number of final steps of the Lyapunov exponent (0 without ``lyapunov``): by default
+    ``min(steps, max(LYAPUNOV_STEPS, window))``. The exponent is that of the plain full-batch
+    GD map, so ``lyapunov=True`` refuses an optimiser and a minibatch source."""
+    if not isinstance(lyapunov, (bool, np.bool_)):
+        raise ValueError(f"lyapunov must be a bool, got {lyapunov!r}.")
+    if not lyapunov:
+        if lyapunov_steps is not None:
+            raise ValueError(
+                f"lyapunov_steps = {lyapunov_steps!r} needs lyapunov=True (the exponent's steps)."
+            )
+        return 0
+    if optimizer is not None:
+        raise ValueError(
+            "lyapunov=True needs plain GD (optimizer=None): the exponent is that of the GD map "
+            f"theta - eta grad L(theta), got optimizer={optimizer!r}."
+        )
+    if batch_source is not None:
+        raise ValueError(
+            "lyapunov=True needs full-batch GD (batch_source=None): the exponent is that of the "
+            "deterministic GD map theta - eta grad L(theta), not of a random minibatch map."
+        )
+    if lyapunov_steps is None:
+        return min(steps, max(LYAPUNOV_STEPS, window))
+    check_positive_int("lyapunov_steps", lyapunov_steps)
+    if lyapunov_steps > steps:
+        raise ValueError(
+            f"lyapunov_steps = {lyapunov_steps} exceeds steps = {steps}: the exponent is "
+            "measured over the final lyapunov_steps steps of the run."
+        )
+    return int(lyapunov_steps)

@@ -7,8 +7,9 @@
 * ``_skeleton`` (the sections and run steps every experiment shares) and ``_shared_problems``
   (the problems several experiments run);
 * the experiments: :mod:`~gdlr_jax.experiments.two_neuron` (the paper's worked example:
-  Figures 1 and 2, basin map), :mod:`~gdlr_jax.experiments.mnist` (Figures 3-6) and
-  :mod:`~gdlr_jax.experiments.fractal_boundary` (zooms into trainability boundaries);
+  Figures 1 and 2, basin map), :mod:`~gdlr_jax.experiments.mnist` (Figures 3-6),
+  :mod:`~gdlr_jax.experiments.fractal_boundary` (zooms into trainability boundaries) and
+  :mod:`~gdlr_jax.experiments.critical_step_size` (the collapse step size of Figure 3's MLPs);
   :mod:`~gdlr_jax.experiments.figures`: the figures of each (matplotlib, Agg);
 * :mod:`~gdlr_jax.experiments.cli`: the ``gdlr`` command (``docs/cli.md``).
 

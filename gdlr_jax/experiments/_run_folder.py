@@ -55,7 +55,11 @@ def _is_empty_dir(path: pathlib.Path) -> bool:
 
 
 _LEGACY_HEADER = re.compile(r"# gdlr resolved config; fingerprint [0-9a-f]{64}$")
-_CHUNK_ENTRY = re.compile(r"sweep\.json|chunk-\d{5}\.npz|\.(sweep\.json|chunk-\d{5}\.npz)\..+\.tmp")
+# estimate.npz: a depth's finished estimate (experiments/critical_step_size.py)
+_CHUNK_ENTRY = re.compile(
+    r"sweep\.json|chunk-\d{5}\.npz|estimate\.npz"
+    r"|\.(sweep\.json|chunk-\d{5}\.npz|estimate\.npz)\..+\.tmp"
+)
 
 
 def _marker_fingerprint(fields: Mapping[str, Any]) -> str:
@@ -94,7 +98,8 @@ def _read_marker(path: pathlib.Path) -> dict | None:
 def _foreign_entries(path: pathlib.Path, marker: Mapping[str, Any]) -> list[str]:
     """The entries of the run folder ``path`` that gdlr did not write: anything but the
     marker, the files it lists, their temporary files and the checkpoint folders (which hold
-    only ``sweep.json``, chunk files and their temporary files). Links count as foreign."""
+    only ``sweep.json``, chunk files, an ``estimate.npz`` and their temporary files). Links
+    count as foreign."""
     ours = {RUN_MARKER, *marker["files"]}
     foreign = []
     for entry in sorted(path.iterdir()):

@@ -90,6 +90,38 @@ DATA = Section(
 )
 
 
+def mlp_model(depths: NumberList) -> Section:
+    """The config's ``model`` section of an MNIST experiment: the MLP of ``gdlr_jax.mlp`` (depth
+    hidden layers of width units) with the experiment's own ``depths`` key."""
+    return Section(
+        "the MLP (gdlr_jax.mlp): depth hidden layers of width units",
+        {
+            "depths": depths,
+            "width": Scalar(int, "units per hidden layer", 32, ge=1),
+            "activation": Scalar(
+                str, "activation of the hidden layers", "gelu", choices=tuple(mlp.ACTIVATIONS)
+            ),
+            "use_bias": Scalar(bool, "every layer has a bias", True),
+            "init_scale": Scalar(
+                float,
+                "multiplies the standard deviation of Flax's default kernel initialiser "
+                "(LeCun normal, variance 1/fan_in); 1 is Flax's default; biases start at 0",
+                1.0,
+                gt=0.0,
+                le=1e6,  # the variance init_scale^2 stays finite in float32
+            ),
+            "loss": Scalar(
+                str,
+                "mse (mean over examples and outputs, one-hot targets), mse_sum (sum over "
+                "outputs, mean over examples: 2 x mse for two digits) or cross_entropy "
+                "(softmax, mean over examples); docs/theory.md, loss conventions",
+                "mse",
+                choices=mlp.LOSSES,
+            ),
+        },
+    )
+
+
 DATA_HINT = (
     "give the folder of MNIST IDX files with gdlr run CONFIG --data-dir PATH, the environment "
     "variable GDLR_MNIST_DIR, or the key data.data_dir (docs/data.md says where to get them)"

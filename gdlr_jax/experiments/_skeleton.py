@@ -98,6 +98,12 @@ _CRITERIA_KEYS = {
     "period_tol": Scalar(
         float, "relative tolerance of the period test", _DEFAULT.period_tol, ge=0.0
     ),
+    "lyapunov_tol": Scalar(
+        float,
+        "chaotic (sweeps with lyapunov=True): Lyapunov exponent > lyapunov_tol",
+        _DEFAULT.lyapunov_tol,
+        ge=0.0,
+    ),
 }
 
 

@@ -357,7 +357,9 @@ def _list() -> int:
         here = [(name, description) for name, path, description in configs if path.parent == folder]
         if not here:
             continue
-        print(f"configs in {folder}/ (gdlr run NAME):")
+        cwd = pathlib.Path.cwd()  # ./configs/ as "configs/": a long absolute path would not fit
+        shown = folder.relative_to(cwd) if folder.is_relative_to(cwd) else folder
+        print(f"configs in {shown}/ (gdlr run NAME):")
         for name, description in here:  # descriptions wrapped to fit LIST_WIDTH
             lines = textwrap.wrap(description, max(20, LIST_WIDTH - names - 4)) or [""]
             print(f"  {name.ljust(names)}  {lines[0]}".rstrip())

@@ -41,6 +41,7 @@ EXPERIMENTS: dict[str, str] = {
     "two_neuron": "gdlr_jax.experiments.two_neuron",
     "mnist": "gdlr_jax.experiments.mnist",
     "fractal_boundary": "gdlr_jax.experiments.fractal_boundary",
+    "critical_step_size": "gdlr_jax.experiments.critical_step_size",
 }
 
 _REQUIRED = object()

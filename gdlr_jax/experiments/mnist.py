@@ -26,7 +26,8 @@ A run writes (``docs/reproduction.md``, section MNIST):
   ``eta ||grad L||`` over the initialisations still bounded at that update, log colour scales
   bounded by percentiles of the cells, and per step size the share of each final status
   (Figures 5 and 6);
-* ``results.npz`` and ``summary.json``.
+* ``results.npz`` and ``summary.json`` (with, per depth, the asymptotic ``eta ||grad L||``
+  against ``eta`` and its exponential and power-law fits: :func:`step_norm_growth`).
 
 The figures are drawn by :mod:`gdlr_jax.experiments.figures.mnist`; the run's steps (plan,
 sweeps, results, figures, summary) are those of :mod:`gdlr_jax.experiments._skeleton`.
@@ -55,6 +56,7 @@ from gdlr_jax.experiments._shared_problems import (
     DATA,
     MlpProblem,
     load_data,
+    mlp_model,
     mlp_problem,
 )
 from gdlr_jax.experiments._skeleton import NumberList, RunSteps, status_cells
@@ -65,7 +67,6 @@ from gdlr_jax.experiments.runner import (
     RunReport,
     check_host_memory,
 )
-from gdlr_jax.problems import mlp
 from gdlr_jax.problems.data import MnistData
 
 
@@ -87,37 +88,13 @@ SCHEMA = _skeleton.schema(
     _skeleton.dtype_key("float32", "floating dtype of parameters and data"),
     {
         "data": DATA,
-        "model": Section(
-            "the MLP (gdlr_jax.mlp): depth hidden layers of width units",
-            {
-                "depths": NumberList(
-                    Scalar(int, "a number of hidden layers", ge=0),
-                    "numbers of hidden layers; one sweep each",
-                    [1, 2],
-                    check=_increasing,
-                ),
-                "width": Scalar(int, "units per hidden layer", 32, ge=1),
-                "activation": Scalar(
-                    str, "activation of the hidden layers", "gelu", choices=tuple(mlp.ACTIVATIONS)
-                ),
-                "use_bias": Scalar(bool, "every layer has a bias", True),
-                "init_scale": Scalar(
-                    float,
-                    "multiplies the standard deviation of Flax's default kernel initialiser "
-                    "(LeCun normal, variance 1/fan_in); 1 is Flax's default; biases start at 0",
-                    1.0,
-                    gt=0.0,
-                    le=1e6,  # the variance init_scale^2 stays finite in float32
-                ),
-                "loss": Scalar(
-                    str,
-                    "mse (mean over examples and outputs, one-hot targets), mse_sum (sum over "
-                    "outputs, mean over examples: 2 x mse for two digits) or cross_entropy "
-                    "(softmax, mean over examples)",
-                    "mse",
-                    choices=mlp.LOSSES,
-                ),
-            },
+        "model": mlp_model(
+            NumberList(
+                Scalar(int, "a number of hidden layers", ge=0),
+                "numbers of hidden layers; one sweep each",
+                [1, 2],
+                check=_increasing,
+            )
         ),
         "training": Section(
             "the trajectories: one per (step size, initialisation) and depth",
@@ -217,6 +194,59 @@ def collapse_step_size(etas: Sequence[float], converged: Sequence[float]) -> flo
         return None
     some = np.flatnonzero(converged > 0)
     return float(etas[0] if some.size == 0 else etas[some[-1] + 1])
+
+
+def _log_fit(x: np.ndarray, log_y: np.ndarray) -> dict[str, float]:
+    """Least squares ``log_y = intercept + slope x`` and its ``R^2 = 1 - SS_res / SS_tot``."""
+    slope, intercept = np.polyfit(x, log_y, 1)
+    residual = log_y - (intercept + slope * x)
+    total = np.sum((log_y - np.mean(log_y)) ** 2)
+    r2 = 1.0 - float(np.sum(residual**2) / total) if total > 0 else float("nan")
+    return {"intercept": float(intercept), "slope": float(slope), "r2": r2}
+
+
+def step_norm_growth(
+    etas: Sequence[float],
+    mean_step_norm: Float[np.ndarray, "n_eta n_rec"],
+    record_steps: Int[np.ndarray, " n_rec"],
+    tail: float = 0.25,
+) -> dict[str, Any]:
+    """Figure 6's claim, measured: the asymptotic ``eta ||grad L||`` against ``eta``, fitted.
+
+    The asymptotic value ``a(eta)`` is the mean, over the recorded updates in the last
+    ``tail`` of the run (``t >= (1 - tail) t_last``), of ``mean_step_norm`` (the full-batch
+    ``eta ||grad L||`` averaged over the trajectories still bounded at each update:
+    :func:`bounded_mean`); ``None`` where no trajectory is bounded there. Over the step sizes
+    with ``a > 0`` two laws are fitted by least squares on ``log a``: exponential,
+    ``log a = c + b eta`` (the paper's claim), and a power law, ``log a = c + b log eta``; each
+    with its ``R^2`` on ``log a`` (``None`` with fewer than 3 step sizes).
+
+    Returns:
+        ``{"eta", "asymptotic_step_norm", "points", "exponential", "power_law"}``, the fits as
+        ``{"intercept", "slope", "r2"}``.
+    """
+    etas = np.asarray(etas, np.float64)
+    record_steps = np.asarray(record_steps)
+    in_tail = record_steps >= (1.0 - tail) * record_steps[-1]
+    values = np.asarray(mean_step_norm, np.float64)[:, in_tail]
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
+    asymptotic = [float(v) if n and v > 0 else None for v, n in zip(level, finite.sum(axis=1))]
+    kept = np.array([a is not None for a in asymptotic])
+    fits: dict[str, Any] = {"exponential": None, "power_law": None}
+    if kept.sum() >= 3:
+        log_a = np.log(level[kept])
+        fits = {
+            "exponential": _log_fit(etas[kept], log_a),
+            "power_law": _log_fit(np.log(etas[kept]), log_a),
+        }
+    return {
+        "eta": etas.tolist(),
+        "asymptotic_step_norm": asymptotic,
+        "points": int(kept.sum()),
+        **fits,
+    }
 
 
 # ----- the run ------------------------------------------------------------------------------
@@ -413,7 +443,8 @@ def _median_of_bounded(values: np.ndarray, status: np.ndarray) -> float | None:
 
 def report(params: Mapping[str, Any], data: MnistData, computed: _Computed) -> RunReport:
     """``summary.json`` and the terminal table: per depth and step size the status shares and
-    the medians of the bounded trajectories; per depth where convergence stops."""
+    the medians of the bounded trajectories; per depth where convergence stops and the growth
+    of the asymptotic ``eta ||grad L||`` with ``eta`` (:func:`step_norm_growth`, Figure 6)."""
     arrays, shares = computed.arrays, computed.shares
     etas, depths = arrays["etas"], params["model"]["depths"]
     per_depth, rows, notes = [], [], []
@@ -440,10 +471,14 @@ def report(params: Mapping[str, Any], data: MnistData, computed: _Computed) -> R
         some = np.flatnonzero(converged > 0)
         largest = float(etas[some[-1]]) if some.size else None
         collapse = collapse_step_size(etas, converged)
+        growth = step_norm_growth(
+            etas, arrays["heatmap_mean_step_norm"][k], arrays["record_steps"]
+        )
         per_depth.append({
             "depth": depth,
             "largest_converging_eta": largest,
             "collapse_eta": collapse,
+            "step_norm_growth": growth,
             "per_eta": per_eta,
         })
         if largest is None:
@@ -453,6 +488,14 @@ def report(params: Mapping[str, Any], data: MnistData, computed: _Computed) -> R
                 f"depth {depth}: converging initialisations up to eta = {largest:g}; "
                 + ("some still converge at the largest step size" if collapse is None
                    else f"none converges for eta >= {collapse:g}")
+            )
+        if growth["exponential"] is not None:
+            exp_fit, power = growth["exponential"], growth["power_law"]
+            notes.append(
+                f"depth {depth}: asymptotic eta|grad L| (last 25% of updates) over "
+                f"{growth['points']} step sizes: exponential fit exp({exp_fit['slope']:.3g} eta)"
+                f" R^2 = {exp_fit['r2']:.3f}; power law eta^{power['slope']:.3g} "
+                f"R^2 = {power['r2']:.3f}"
             )
     summary = {
         "data": {

@@ -16,7 +16,7 @@ from curvature_cases import (
 )
 from hypothesis import given, settings
 from jax.flatten_util import ravel_pytree
-from strategies import linear_networks
+from strategies import examples, linear_networks
 
 import gdlr_jax as g
 
@@ -30,6 +30,7 @@ def test_sharpness_is_the_largest_algebraic_eigenvalue_not_the_largest_magnitude
     np.testing.assert_allclose(g.bottom_eigenvalues(H, k=3), [-12.0, -3.0, -3.0], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_top_and_bottom_of_an_mlp_hessian_match_dense_eigh():
     loss_fn, params, batch = small_mlp()
     loss = lambda p: loss_fn(p, batch)  # noqa: E731
@@ -41,6 +42,7 @@ def test_top_and_bottom_of_an_mlp_hessian_match_dense_eigh():
     np.testing.assert_allclose(g.bottom_eigenvalues(loss, params, 2), exact[:2], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_eigenvectors_are_pytrees_like_params_and_warm_start_as_v0():
     loss_fn, params, batch = small_mlp()
     loss = lambda p: loss_fn(p, batch)  # noqa: E731
@@ -60,6 +62,7 @@ def test_eigenvectors_are_pytrees_like_params_and_warm_start_as_v0():
     assert int(warm.num_products) < int(pairs.num_products)
 
 
+@pytest.mark.slow
 def test_the_tolerance_stop_reports_what_it_reached():
     """rtol=1e-6: stops before the iteration budget with the wanted pairs converged, their
     bounds honest (true residuals below them) and the eigenvalues right to ~bound^2/gap;
@@ -83,17 +86,28 @@ def test_the_tolerance_stop_reports_what_it_reached():
 
 def test_repeated_eager_calls_compile_once():
     """The documented eager use: after the first call, new params (same shapes), a new v0, key
-    or rtol compile nothing; a new k or dtype compiles once more."""
+    or rtol compile nothing."""
     loss_fn, params, batch = small_mlp()
     loss = lambda p: loss_fn(p, batch)  # noqa: E731
     g.top_eigenvalues(loss, params, 2)
-    g.stochastic_lanczos_quadrature(loss, params, num_iterations=6, num_probes=3)
-    g.lanczos(loss, params, num_iterations=6)
     moved = jax.tree.map(lambda x: 1.01 * x, params)
     with count_compilations() as compilations:
         for i, point in enumerate((params, moved, params)):
             jax.block_until_ready(g.top_eigenvalues(loss, point, 2, key=jax.random.key(i)))
             jax.block_until_ready(g.extreme_eigenpairs(loss, point, 2, rtol=1e-5 * (i + 1)))
+    assert compilations == []
+
+
+@pytest.mark.slow
+def test_repeated_eager_calls_of_every_routine_compile_once():
+    """The same for the spectral density and plain Lanczos; a new k or dtype compiles once."""
+    loss_fn, params, batch = small_mlp()
+    loss = lambda p: loss_fn(p, batch)  # noqa: E731
+    g.stochastic_lanczos_quadrature(loss, params, num_iterations=6, num_probes=3)
+    g.lanczos(loss, params, num_iterations=6)
+    moved = jax.tree.map(lambda x: 1.01 * x, params)
+    with count_compilations() as compilations:
+        for i, point in enumerate((params, moved, params)):
             g.stochastic_lanczos_quadrature(
                 loss, point, num_iterations=6, num_probes=3, key=jax.random.key(i)
             )
@@ -105,6 +119,7 @@ def test_repeated_eager_calls_compile_once():
     assert len(compilations) == 1
 
 
+@pytest.mark.slow
 def test_matvec_operator_with_flat_params():
     loss_fn, params, batch = small_mlp()
     theta = ravel_pytree(params)[0]
@@ -113,6 +128,7 @@ def test_matvec_operator_with_flat_params():
     np.testing.assert_allclose(g.top_eigenvalues(matvec, theta, 2), exact[::-1][:2], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_tracking_along_trajectories_under_jit_and_vmap_with_warm_starts():
     """The engine's use: a batch of points, each warm-started from its previous Ritz vector;
     vmapped results equal a loop, and new points do not recompile."""
@@ -143,6 +159,7 @@ def test_tracking_along_trajectories_under_jit_and_vmap_with_warm_starts():
     assert bool(jnp.all(jnp.isfinite(second)))
 
 
+@pytest.mark.slow
 def test_smallest_nonzero_on_a_linear_network_with_and_without_deflation():
     net, params, null_space = linear_network_at_minimum()
     exact = np.asarray(g.hessian_spectrum(net.loss, params))
@@ -156,7 +173,8 @@ def test_smallest_nonzero_on_a_linear_network_with_and_without_deflation():
     np.testing.assert_allclose(thresholded, positive[0], rtol=1e-8)
 
 
-@settings(max_examples=3)
+@pytest.mark.slow
+@settings(max_examples=examples(3))
 @given(linear_networks(max_depth=3, filling=True))
 def test_smallest_nonzero_with_the_tangent_space_of_random_linear_networks(net):
     params = net.sample_minimum(jax.random.key(1))
@@ -185,6 +203,7 @@ def test_gd_map_spectrum_matches_the_dense_jacobian_for_many_step_sizes():
     np.testing.assert_allclose(out.spectral_radius, out.largest[:, 0], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_gd_map_spectrum_of_a_loss_agrees_with_the_dense_gd_map():
     loss_fn, params, batch = small_mlp()
     loss = lambda p: loss_fn(p, batch)  # noqa: E731

@@ -47,7 +47,9 @@ def test_matvec_vmaps_over_many_vectors_and_jits():
     )
 
 
-@pytest.mark.parametrize("batch_size", [None, 1, 5, 7, 24, 100])
+@pytest.mark.parametrize(
+    "batch_size", [7, *(pytest.param(b, marks=pytest.mark.slow) for b in (None, 1, 5, 24, 100))]
+)
 def test_batched_products_are_exactly_the_full_batch_product(batch_size):
     """24 examples in batches of 5 (4 full + a last one of 4) or 7 (3 + 3): weights n_b/n."""
     loss_fn, params, batch = small_mlp(n=24)
@@ -57,6 +59,7 @@ def test_batched_products_are_exactly_the_full_batch_product(batch_size):
     np.testing.assert_allclose(matvec(v), full @ v, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_float32_products_stay_in_float32():
     loss_fn, params, batch = small_mlp()
     params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)

@@ -51,6 +51,7 @@ def test_block_lanczos_resolves_a_multiple_top_eigenvalue():
     np.testing.assert_allclose(block.ritz_values[-4:], [6.0, 7.0, 7.0, 7.0], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_matvec_and_matrix_agree_and_the_state_follows_the_products_dtype():
     """float32 products: a float32 state by default, float64 with float64_state=True (one more
     digit: here 1e-5 against 1e-8 relative for lambda_max)."""
@@ -113,6 +114,7 @@ def test_the_symmetry_of_a_dense_operator_is_checked():
     g.lanczos(H, num_iterations=2)
 
 
+@pytest.mark.slow
 def test_warm_start_at_an_eigenvector_and_zero_start_break_down_cleanly():
     """v0 an exact eigenvector: H v0 is in span(v0) at once (breakdown), the basis continues
     from a random vector; v0 = 0 likewise. No NaN either way."""
@@ -124,6 +126,7 @@ def test_warm_start_at_an_eigenvector_and_zero_start_break_down_cleanly():
     np.testing.assert_allclose(zero.ritz_values[-1], EXACT[-1], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_over_start_vectors_match_a_loop():
     starts = jnp.asarray(np.random.default_rng(2).normal(size=(3, D)))
     run = jax.jit(lambda v: g.lanczos(H, num_iterations=12, v0=v).ritz_values)

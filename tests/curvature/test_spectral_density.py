@@ -68,6 +68,7 @@ def test_density_has_unit_mass_and_matches_the_dense_spectrum(rademacher):
     np.testing.assert_allclose(bin_masses(density, grid, edges), histogram, atol=0.04)
 
 
+@pytest.mark.slow
 def test_gaussian_probes_give_the_same_density():
     quadrature = g.stochastic_lanczos_quadrature(
         H, num_iterations=40, num_probes=20, key=jax.random.key(1), probe="gaussian"
@@ -78,6 +79,7 @@ def test_gaussian_probes_give_the_same_density():
     assert np.trapezoid(np.abs(density - exact), np.asarray(GRID)) < 0.06
 
 
+@pytest.mark.slow
 def test_log_view_resolves_a_bulk_spread_over_decades():
     """190 eigenvalues 10^s, s uniform in [-6, 1], and 10 negative ones in [-10, -0.1]."""
     s = np.random.default_rng(2).uniform(-6, 1, 190)

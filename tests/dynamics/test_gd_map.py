@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
-from strategies import linear_networks
+from strategies import examples, linear_networks
 
 import gdlr_jax as gj
 
@@ -19,7 +19,7 @@ def _random_point(net, seed):
     return [jax.random.normal(k, s) for k, s in zip(keys, net.shapes)]
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(linear_networks(), st.floats(0.01, 3.0), st.integers(0, 1000))
 def test_remark5_jacobian_is_I_minus_eta_H(net, eta, seed):
     """DG = I - eta H equals jax.jacfwd of the GD map, and central finite differences."""
@@ -44,7 +44,7 @@ def test_gd_map_is_one_gradient_step():
     assert float(out["y"]) == 1.5 + 0.4 * r * 0.5
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(linear_networks(), st.floats(0.01, 10.0), st.integers(0, 1000))
 def test_thm15_20_gd_map_nonsingular_at_random_points(net, eta, seed):
     """det DG != 0 at random (theta, eta): DG is singular only on a null set (Thm. 15/20)."""

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
-from strategies import linear_networks
+from strategies import examples, linear_networks
 
 import gdlr_jax as gj
 from gdlr_jax import FixedPointStability as S
@@ -60,7 +60,7 @@ def test_classify_fixed_point_remark2():
     assert gj.classify_fixed_point(net.loss, origin, 0.5) == S.UNSTABLE
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(linear_networks(), st.floats(0.05, 0.5))
 def test_thm17_minima_outside_mws_are_unstable(net, delta):
     """Outside M_WS(eta) (eta > 2/lambda_max), a small perturbation along the top Hessian
@@ -118,7 +118,9 @@ def _hessian_parts(net, params):
     return gj.hessian(net.loss, params), jac.T @ d2l @ jac, residual @ net.X.T
 
 
-@pytest.mark.parametrize("widths", [(3, 1, 3), (2, 4, 1, 3)])
+@pytest.mark.parametrize(
+    "widths", [(3, 1, 3), pytest.param((2, 4, 1, 3), marks=pytest.mark.slow)]
+)
 def test_eq8_gauss_newton_form_fails_on_non_filling_minima(widths):
     """Non-filling: grad l(W*) = -2 scale R X^T != 0, so H = Dmu^T D^2l Dmu + dl . D^2 mu keeps
     its second term; the Prop. 10 counts hold all the same."""

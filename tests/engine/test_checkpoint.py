@@ -18,13 +18,13 @@ import optax
 import pytest
 
 import gdlr_jax
+from gdlr_jax.engine import SweepPlan
 from gdlr_jax.engine._checkpoint import (
     CheckpointMismatchError,
     ChunkStore,
     sweep_fingerprint,
     write_atomically,
 )
-from gdlr_jax.engine import SweepPlan
 
 
 def two_neuron(p):
@@ -106,7 +106,9 @@ def test_chunk_files_round_trip_pytrees_none_fields_and_float64(tmp_path):
     assert names == ["chunk-00000.npz", "chunk-00003.npz", "sweep.json"]  # no temp files
 
 
-@pytest.mark.parametrize("case", [GD, SGD], ids=["gd-pytree-recordings", "sgd-optax"])
+@pytest.mark.parametrize(
+    "case", [GD, pytest.param(SGD, marks=pytest.mark.slow)], ids=["gd-pytree-recordings", "sgd-optax"]
+)
 def test_resumed_sweep_equals_uninterrupted_bit_for_bit(tmp_path, run_chunk_calls, case):
     reference = gdlr_jax.sweep(**case)
 
@@ -224,6 +226,22 @@ def test_a_folder_of_another_sweep_is_refused_naming_what_differs(tmp_path):
     (folder / "sweep.json").unlink()
     with pytest.raises(CheckpointMismatchError, match="holds chunk files but no sweep.json"):
         gdlr_jax.sweep(**GD, checkpoint_dir=folder)
+
+
+def test_step_block_is_not_in_the_fingerprint():
+    # step_block changes the speed, never the chunks (test_sweep_layouts.py): a folder resumes
+    one, three = (sweep_fingerprint(gdlr_jax.plan_sweep(**GD, step_block=k)) for k in (1, 3))
+    assert one == three and "engine.step_block" not in one
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_step_block_loads_every_chunk(tmp_path, run_chunk_calls):
+    folder = tmp_path / "ck"
+    first = gdlr_jax.sweep(**GD, step_block=1, checkpoint_dir=folder)
+    assert run_chunk_calls == [0, 1, 2, 3]
+    resumed = gdlr_jax.sweep(**GD, step_block=3, checkpoint_dir=folder)
+    assert run_chunk_calls == [0, 1, 2, 3]  # nothing recomputed
+    assert_identical(first, resumed)
 
 
 def test_fingerprint_holds_the_devices_and_the_dtype():

@@ -92,6 +92,7 @@ def test_results_larger_than_the_host_raise_before_any_compute():
     )
 
 
+@pytest.mark.slow
 def test_peak_estimate_matches_the_memory_a_sweep_adds():
     """In a fresh process: the peak resident memory (``VmHWM``, reset just before) above the
     resident memory before a sweep of 10^6 starts x 4 step sizes is within 20% of

@@ -50,7 +50,7 @@ def grid_result(dtype_name):
 # ----------------------------------------------------------------------------------------
 # Known answers on 1/2 (1 - x y)^2
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_known_answers_two_neuron(dtype_name):
     r = grid_result(dtype_name)
     assert r.status.shape == (3, 5) and r.status.dtype == np.int32
@@ -112,7 +112,9 @@ def test_divergence_is_stopped_at_the_exact_step():
     assert not np.max(np.abs(after)) <= bound
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize(
+    "chunk_size", [1, *(pytest.param(n, marks=pytest.mark.slow) for n in (2, 3, 5, 8))]
+)
 def test_every_diverged_trajectory_of_a_chunk_is_pinpointed(chunk_size):
     """Regression: with fewer diverged lanes than lanes in a chunk, the replay of lane 0 was
     overwritten by the padding of its block (a duplicate scatter index), leaving it at its
@@ -136,7 +138,7 @@ def test_every_diverged_trajectory_of_a_chunk_is_pinpointed(chunk_size):
 # ----------------------------------------------------------------------------------------
 # The batched engine equals a loop over single trajectories
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_grid_equals_loop_over_single_trajectories(dtype_name):
     dtype = jnp.dtype(dtype_name)
     r = grid_result(dtype_name)
@@ -152,7 +154,7 @@ def test_grid_equals_loop_over_single_trajectories(dtype_name):
             np.testing.assert_array_equal(one.final_params[0, 0], r.final_params[i, j])
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_final_state_equals_python_loop_over_jitted_step(dtype_name):
     """Where the dynamics is not chaotic, the final iterate is GD applied ``steps_taken``
     times by a plain Python loop, and the reported loss and gradient norm are its own."""
@@ -193,6 +195,7 @@ def test_results_do_not_depend_on_chunking():
         )
 
 
+@pytest.mark.slow
 def test_plan_runs_chunks_separately_and_checks_coverage():
     plan = gdlr_jax.plan_sweep(
         two_neuron, INITS, ETAS, steps=300, min_loss_value=0.0, chunk_size=6
@@ -248,6 +251,7 @@ def test_without_min_loss_value_every_critical_point_counts_as_minimum():
     assert list(r.status[0]) == [S.CONVERGED_MINIMUM, S.CONVERGED_MINIMUM]
 
 
+@pytest.mark.slow
 def test_custom_criteria_and_short_runs():
     loose = ConvergenceCriteria(grad_tol=1e-2, step_tol=1e-2, window=4, max_period=2)
     r = gdlr_jax.sweep(
@@ -292,6 +296,7 @@ def test_recordings_follow_the_trajectory_and_hold_final_values_after_it_ends():
 # ----------------------------------------------------------------------------------------
 # Optimisers and minibatches
 # ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_optax_sgd_matches_plain_gd_and_adam_runs():
     plain = grid_result("float64")
     sgd = gdlr_jax.sweep(
@@ -353,6 +358,7 @@ def test_sgd_is_deterministic_and_follows_the_documented_batches():
     np.testing.assert_allclose(first.final_loss[1, 2], full_loss, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_sgd_per_initialisation_batches():
     loss, params0, data = _regression_problem()
     same_init = jnp.broadcast_to(params0[:1], (2, 3))
@@ -368,6 +374,7 @@ def test_sgd_per_initialisation_batches():
     np.testing.assert_array_equal(shared.final_params[0, 0], shared.final_params[0, 1])
 
 
+@pytest.mark.slow
 def test_sgd_divergence_is_pinpointed():
     loss, params0, data = _regression_problem()
     r = gdlr_jax.sweep(

@@ -45,6 +45,7 @@ def assert_same_trajectories(a, b, rtol=0.0):
     np.testing.assert_allclose(a.final_loss, b.final_loss, rtol=rtol, atol=1e-18 if rtol else 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step_block", [1, 3, 4, 8])
 def test_every_step_block_gives_the_same_trajectories(step_block):
     """Unrolling only groups steps: the iterates, statuses and recordings are bit for bit those
@@ -68,6 +69,7 @@ def test_array_and_dict_params_give_the_same_trajectories():
     np.testing.assert_array_equal(array.final_params[..., 1], as_dict.final_params["y"])
 
 
+@pytest.mark.slow
 def test_forward_and_reverse_mode_give_the_same_statuses(monkeypatch):
     """Below FORWARD_MODE_MAX_PARAMS the gradient is taken by forward mode (columns), above by
     reverse mode (leaves): the two give the same statuses, and iterates equal to rounding

@@ -51,6 +51,7 @@ def linear_network_sweep():
     return net, result
 
 
+@pytest.mark.slow
 def test_recorded_sharpness_is_lambda_max_of_the_dense_hessian_at_each_iterate():
     net, r = linear_network_sweep()
     np.testing.assert_array_equal(r.sharpness_steps, np.arange(0, 121, 20))
@@ -61,6 +62,7 @@ def test_recorded_sharpness_is_lambda_max_of_the_dense_hessian_at_each_iterate()
     np.testing.assert_allclose(r.final_sharpness, expected, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_minibatch_sweeps_measure_the_full_batch_hessian_with_uneven_batches():
     """Least squares: the Hessian is ``X^T X / n`` everywhere; 40 examples in batches of 6
     leave a tail of 4, which a mean of batch means would over-weight."""
@@ -86,6 +88,7 @@ def test_minibatch_sweeps_measure_the_full_batch_hessian_with_uneven_batches():
     np.testing.assert_allclose(r.final_sharpness, expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_minima_reached_by_gd_have_sharpness_at_most_two_over_eta():
     """Thm. 17 on ``1/2 (1 - xy)^2``: GD converges (from almost every start) only to minima
     with ``lambda_max = x^2 + y^2 <= 2 / eta``; the trajectories that diverge measured a
@@ -113,6 +116,7 @@ def test_minima_reached_by_gd_have_sharpness_at_most_two_over_eta():
     assert np.all(r.recorded_sharpness[diverged].max(axis=-1) > bound[diverged])
 
 
+@pytest.mark.slow
 def test_slots_after_a_trajectory_ends_hold_its_final_sharpness():
     inits = np.array([[0.5, 1.5], [1e3, 1e3], [1.2, 1.1], [0.3, 3.0]])
     r = gdlr_jax.sweep(
@@ -148,6 +152,7 @@ def test_bad_sharpness_options():
         gdlr_jax.sweep(loss, inits, [0.1], steps=5, sharpness_every=1, sharpness_iterations=3)
 
 
+@pytest.mark.slow
 def test_sharpness_figure_draws_every_step_size_and_its_edge_of_stability(tmp_path):
     _, r = linear_network_sweep()
     fig = figures.sharpness_trajectories(r.sharpness_steps, r.recorded_sharpness, r.etas)

@@ -188,11 +188,11 @@ def test_experiment_key_missing_unknown_or_not_a_mapping(raw):
     no_experiment = {k: v for k, v in raw.items() if k != "experiment"}
     assert _error(no_experiment) == (
         "config key 'experiment' is missing; expected one of 'two_neuron', 'mnist', "
-        "'fractal_boundary' (the experiment to run)"
+        "'fractal_boundary', 'critical_step_size' (the experiment to run)"
     )
     assert _error(_with(raw, "experiment", "three_neuron")) == (
         "config key 'experiment' has value 'three_neuron'; allowed: one of 'two_neuron', "
-        "'mnist', 'fractal_boundary'"
+        "'mnist', 'fractal_boundary', 'critical_step_size'"
     )
     assert _error([1, 2]).startswith("a config must be a YAML mapping of keys")
     with pytest.raises(ConfigError, match="allowed: one of 'two_neuron', 'mnist'"):

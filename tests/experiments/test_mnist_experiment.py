@@ -323,8 +323,8 @@ def test_heatmap_colour_scale_is_not_stretched_by_an_outlier():
 def test_heatmap_row_labels_give_every_status():
     status = np.array([[1, 1, 3, 4], [0, 2, 2, 3]])
     header, rows = figures.status_row_labels(status)
-    assert header.split() == ["min", "crit", "per", "n.c.", "div", "%"]
+    assert header.split() == ["min", "crit", "per", "chao", "n.c.", "div", "%"]
     assert [row.split() for row in rows] == [
-        ["50", "0", "25", "0", "25"], ["0", "50", "0", "25", "25"]
+        ["50", "0", "25", "0", "0", "25"], ["0", "50", "0", "0", "25", "25"]
     ]
     assert all(sum(int(v) for v in row.split()) == 100 for row in rows)

@@ -44,15 +44,16 @@ def test_status_fractions_and_cells():
     fractions = _skeleton.status_fractions(status)
     assert fractions == {
         "not_converged": 1 / 6, "converged_minimum": 3 / 6, "converged_critical_point": 0.0,
-        "diverged": 1 / 6, "periodic": 1 / 6,
+        "diverged": 1 / 6, "periodic": 1 / 6, "chaotic": 0.0,
     }
-    assert _skeleton.status_cells(fractions) == [3 / 6, 0.0, 1 / 6, 1 / 6, 1 / 6]
+    assert _skeleton.status_cells(fractions) == [3 / 6, 0.0, 1 / 6, 0.0, 1 / 6, 1 / 6]
     assert _skeleton.STATUS_HEADERS == (
-        "minimum", "critical pt", "periodic", "not conv.", "diverged"
+        "minimum", "critical pt", "periodic", "chaotic", "not conv.", "diverged"
     )
     assert list(figures.STATUS_STYLE) == [
         TrajectoryStatus.CONVERGED_MINIMUM, TrajectoryStatus.CONVERGED_CRITICAL_POINT,
-        TrajectoryStatus.PERIODIC, TrajectoryStatus.NOT_CONVERGED, TrajectoryStatus.DIVERGED,
+        TrajectoryStatus.PERIODIC, TrajectoryStatus.CHAOTIC, TrajectoryStatus.NOT_CONVERGED,
+        TrajectoryStatus.DIVERGED,
     ]
 
 

@@ -14,6 +14,8 @@ PNG is ``figsize * dpi`` pixels.
 * ``sharpness``: :func:`sharpness_trajectories`, the engine's recorded sharpness.
 * ``fractal_boundary``: :func:`zoom_figure` (the labels of every zoom level) and
   :func:`box_count_figure` (their box counts), colours by :func:`label_colours`.
+* ``critical_step_size``: :func:`collapse_figure` (the converged share per step size and
+  depth, the measured collapse interval, the sharpness bound and ``eta = 1``).
 """
 
 from gdlr_jax.experiments.figures._common import STATUS_STYLE as STATUS_STYLE
@@ -21,6 +23,12 @@ from gdlr_jax.experiments.figures._common import StatusStyle as StatusStyle
 from gdlr_jax.experiments.figures._common import share as share
 from gdlr_jax.experiments.figures._common import status_counts as status_counts
 from gdlr_jax.experiments.figures._common import status_shares as status_shares
+from gdlr_jax.experiments.figures.critical_step_size import (
+    CollapseCurve as CollapseCurve,
+)
+from gdlr_jax.experiments.figures.critical_step_size import (
+    collapse_figure as collapse_figure,
+)
 from gdlr_jax.experiments.figures.fractal_boundary import ZoomLevel as ZoomLevel
 from gdlr_jax.experiments.figures.fractal_boundary import (
     box_count_figure as box_count_figure,

@@ -35,6 +35,7 @@ STATUS_STYLE: dict[TrajectoryStatus, StatusStyle] = {
         "#1f77b4", "converged to a non-minimal critical point", "critical pt", "crit"
     ),
     TrajectoryStatus.PERIODIC: StatusStyle("#ff7f0e", "periodic orbit", "periodic", "per"),
+    TrajectoryStatus.CHAOTIC: StatusStyle("#d62728", "chaotic", "chaotic", "chao"),
     TrajectoryStatus.NOT_CONVERGED: StatusStyle(
         "#9e9e9e", "not converged", "not conv.", "n.c."
     ),
