@@ -23,6 +23,7 @@ import gdlr_jax as g
 H = symmetric_with_spectrum(SPECTRUM)
 
 
+@pytest.mark.slow
 def test_sharpness_is_the_largest_algebraic_eigenvalue_not_the_largest_magnitude():
     """|lambda_min| = 12 > lambda_max = 5: the sharpness is 5, power iteration would say -12."""
     top = g.top_eigenvalues(H, k=3)

@@ -99,6 +99,7 @@ def test_log_view_resolves_a_bulk_spread_over_decades():
     np.testing.assert_allclose(bin_masses(positive, grid, edges), histogram, atol=0.05)
 
 
+@pytest.mark.slow
 def test_density_of_a_loss_hessian_vmaps_its_products_over_probes():
     loss_fn, params, batch = small_mlp()
     loss = lambda p: loss_fn(p, batch)  # noqa: E731

@@ -260,6 +260,7 @@ def test_whitened_non_filling_closed_form_is_returned_and_matches_the_optimiser(
     assert result.eta <= result.closed_form * (1 + 1e-12)
 
 
+@pytest.mark.slow
 def test_whitened_non_filling_closed_form_is_attained_at_the_balanced_point():
     """The fast check of the whitened closed form (no optimiser): (3, 1, 3), X X^T = c I,
     non-filling: closed_form = 1 / (s c h sigma_1^(2-2/h)) and lambda_max at the balanced

@@ -287,6 +287,7 @@ def _crafted(chunk, name, change):
     return chunk._replace(**{name: change(getattr(chunk, name))})
 
 
+@pytest.mark.slow
 def test_crafted_chunk_files_are_checked_against_the_plan(tmp_path, run_chunk_calls):
     kwargs = {**GD, "chunk_size": 3}  # 5 chunks
     reference = gdlr_jax.sweep(**kwargs, checkpoint_dir=tmp_path)
