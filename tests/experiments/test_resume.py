@@ -39,7 +39,11 @@ SETS = [arg for key in SMALL for arg in ("--set", key)]
 LAUNCH = [
     sys.executable,
     "-c",
-    "import sys; from gdlr_jax.experiments.cli import main; sys.exit(main())",
+    # SIGINT delivered and handled as for a command typed at a terminal, whatever the test
+    # process passed on (a blocked or ignored SIGINT is inherited across exec)
+    "import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from gdlr_jax.experiments.cli import main; sys.exit(main())",
 ]
 
 
