@@ -3,7 +3,8 @@
 * ``_hessian``: dense Hessians, spectra and eigenvalue counts (small models, float64);
 * ``_hvp``: Hessian-vector products (forward over reverse) and matvecs of flat vectors;
 * ``_lanczos``: the Lanczos tridiagonalisation with full reorthogonalisation, compiled once per
-  (operator function, shapes, options);
+  (operator function, shapes, options); its inputs checked in ``_lanczos_inputs``, its loop
+  in ``_lanczos_core``, its Ritz pairs and results in ``_lanczos_ritz``;
 * ``_extreme_eigenvalues``: top/bottom eigenpairs with residual bounds and a tolerance stop,
   and the spectrum of ``DG = I - eta H``;
 * ``_spectral_density``: stochastic Lanczos quadrature and the spectral density.

@@ -20,9 +20,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from gdlr_jax.curvature._hessian import PyTree, zero_tolerance
-from gdlr_jax.curvature._lanczos import (
+from gdlr_jax.curvature._lanczos_core import run_core
+from gdlr_jax.curvature._lanczos_inputs import (
     CoreSpec,
-    EndPairs,
     Operator,
     PreparedOperator,
     check_num_iterations,
@@ -31,8 +31,8 @@ from gdlr_jax.curvature._lanczos import (
     flat_start_block,
     prepare_operator,
     resolve_state_dtype,
-    run_core,
 )
+from gdlr_jax.curvature._lanczos_ritz import EndPairs
 from gdlr_jax.problems._pytree import check_finite
 
 WHICH = ("top", "bottom")

@@ -19,13 +19,13 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from gdlr_jax.curvature._hessian import PyTree
-from gdlr_jax.curvature._lanczos import (
+from gdlr_jax.curvature._lanczos_core import run_core
+from gdlr_jax.curvature._lanczos_inputs import (
     CoreSpec,
     Operator,
     check_num_iterations,
     default_rtol,
     prepare_operator,
-    run_core,
 )
 
 PROBES = ("rademacher", "gaussian")

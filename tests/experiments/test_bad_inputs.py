@@ -28,7 +28,7 @@ from gdlr_jax import linear
 from gdlr_jax.engine import ChunkMemoryError
 from gdlr_jax.engine._memory import allocatable_bytes
 from gdlr_jax.engine._validation import check_grid_size
-from gdlr_jax.experiments import _skeleton
+from gdlr_jax.experiments import _skeleton, _two_neuron_sweeps
 from gdlr_jax.experiments import two_neuron as two_neuron_experiment
 from gdlr_jax.experiments.cli import main
 from gdlr_jax.experiments.runner import RunOutput, RunReport
@@ -558,8 +558,8 @@ def no_compute(monkeypatch):
     def computed(*args, **kwargs):
         raise AssertionError("computed before the config was found impossible")
 
-    for name in ("minima_profile", "initial_grid"):
-        monkeypatch.setattr(two_neuron_experiment, name, computed)
+    monkeypatch.setattr(two_neuron_experiment, "minima_profile", computed)
+    monkeypatch.setattr(_two_neuron_sweeps, "initial_grid", computed)  # where the sweeps use it
     monkeypatch.setattr(_skeleton, "sweep", computed)  # the sweeps of every experiment
 
 
