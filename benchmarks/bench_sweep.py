@@ -23,6 +23,8 @@ is ``cores * 2 * (SIMD width / 32) * clock / 4`` trajectory-steps/s; and each me
 Options that measure the engine's defaults (``docs/benchmarks.md``):
 
 * ``--step-blocks 1,2,4``: the engine with each ``step_block`` (unrolled steps per block);
+* ``--pairs``: the step loop's columns packed in complex pairs (``PACK_PAIRS``, the CPU
+  default) against the rows of one ``(d, m)`` array;
 * ``--devices``: one device against one device per core (``shard_map`` over host devices;
   the process starts with ``--xla_force_host_platform_device_count`` = cores);
 * ``--layouts``: forward-mode columns against reverse-mode leaves for the scalar chain
@@ -68,7 +70,7 @@ import numpy as np
 from jax import lax
 
 import gdlr_jax
-from gdlr_jax.engine import _problem
+from gdlr_jax.engine import _plan, _problem
 
 OPS_PER_STEP = 4  # vector operations per trajectory-step of the two-neuron loss
 FMA_UNITS = 2  # per core: every x86 core with AVX2 or AVX-512 of the last decade
@@ -216,6 +218,28 @@ def bench_step_blocks(theta0, eta, steps, repeats, limit, blocks):
     report(interleaved(methods, repeats), theta0.shape[0] * steps, limit, baselines)
 
 
+def _with_pack_pairs(backends, fn):
+    """``fn()`` with ``PACK_PAIRS = backends`` (read when a sweep is planned)."""
+    default = _plan.PACK_PAIRS
+    _plan.PACK_PAIRS = backends
+    try:
+        return fn()
+    finally:
+        _plan.PACK_PAIRS = default
+
+
+def bench_pairs(theta0, eta, steps, repeats, limit):
+    """The step loop's columns packed in complex pairs against the rows of a (d, m) array."""
+    platform = jax.devices()[0].platform
+    methods = {}
+    for label, backends in (("rows", frozenset()), ("packed pairs", frozenset({platform}))):
+        for key, fn in engine_methods(theta0, eta, steps).items():
+            methods[f"{key}, {label}"] = functools.partial(_with_pack_pairs, backends, fn)
+    print(f"\n== pairs: eta = {eta}, {theta0.shape[0]} trajectories x {steps} steps ==")
+    baselines = tuple(key for key in methods if key.endswith(", rows"))
+    report(interleaved(methods, repeats), theta0.shape[0] * steps, limit, baselines)
+
+
 def bench_devices(theta0, eta, steps, repeats, limit):
     devices = jax.local_devices()
     methods = {}
@@ -306,6 +330,7 @@ def main():
     parser.add_argument("--cases", default="near11,grid105,grid04",
                         help="comma-separated: near11, grid105, grid04")
     parser.add_argument("--step-blocks", default="", help="e.g. 1,2,4,8")
+    parser.add_argument("--pairs", action="store_true")
     parser.add_argument("--devices", action="store_true")
     parser.add_argument("--layouts", action="store_true")
     parser.add_argument("--lyapunov", action="store_true")
@@ -332,6 +357,8 @@ def main():
     if args.step_blocks:
         blocks = [int(k) for k in args.step_blocks.split(",")]
         bench_step_blocks(near, 1.1, args.steps, args.repeats, limit, blocks)
+    if args.pairs:
+        bench_pairs(near, 1.1, args.steps, args.repeats, limit)
     if args.devices:
         bench_devices(near, 1.1, args.steps, args.repeats, limit)
     if args.layouts:

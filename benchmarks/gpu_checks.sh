@@ -22,7 +22,7 @@ RUNS=$(mktemp -d "${TMPDIR:-/tmp}/gdlr-gpu-checks.XXXXXX")
 : > "$OUT"
 
 if [ "${GPU_CHECKS_TINY:-0}" = 1 ]; then  # a CPU try of the script: seconds per step
-  SWEEP_ARGS="--side 64 --steps 100 --repeats 2 --step-blocks 1,4"
+  SWEEP_ARGS="--side 64 --steps 100 --repeats 2 --step-blocks 1,4 --pairs"
   MNIST_ARGS="--examples 64 --n-init 4 --steps 20 --repeats 2"
   CURV_ARGS="--depth 1 --width 8 --lanczos-iterations 20 --power-iterations 50 --repeats 1"
   MNIST_SET="--set data.max_examples=64 --set training.n_init=2 --set training.steps=20 --set model.depths=[1] --set training.etas=[0.1,1.0] --set training.record_every=10 --set engine.check_every=10 --set engine.etas_per_chunk=2"
@@ -30,7 +30,7 @@ if [ "${GPU_CHECKS_TINY:-0}" = 1 ]; then  # a CPU try of the script: seconds per
   CRITICAL_SET="--set data.max_examples=64 --set model.depths=[1] --set model.width=8 --set search.n_init=35 --set search.steps=20 --set search.etas_per_round=2 --set search.max_rounds=1 --set engine.check_every=10"
   LIMIT=300 LIMIT_SWEEP=300
 else  # accelerator sizes, shrunk from the paper-scale configs to fit the 8 minutes
-  SWEEP_ARGS="--side 2048 --steps 1000 --repeats 3 --step-blocks 1,2,4,8"
+  SWEEP_ARGS="--side 2048 --steps 1000 --repeats 3 --step-blocks 1,2,4,8 --pairs"
   MNIST_ARGS="--examples 0 --n-init 256 --steps 500 --repeats 3"
   CURV_ARGS="--depth 4 --width 256 --repeats 3"
   MNIST_SET="--set training.n_init=20 --set training.steps=1000 --set model.depths=[1,4,16] --set training.record_every=100"

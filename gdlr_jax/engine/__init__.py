@@ -4,8 +4,12 @@
 * ``_plan``: :func:`plan_sweep` and :class:`SweepPlan` (chunks, memory, every check);
 * ``_validation``: the checks of a sweep's arguments, before any compute;
 * ``_memory``: device and host memory estimates and their errors;
-* ``_kernel``: one trajectory's steps, evaluations, freezing and divergence replay, vmapped
-  over lanes and sharded over devices;
+* ``_problem``: the static settings (:class:`EngineConfig`), the layouts of the lanes and one
+  trajectory's loss, gradient and step; ``_scalar_loss``: a tiny model's loss unrolled into
+  scalars;
+* ``_lanes``, ``_stepping``, ``_evaluation``, ``_divergence``: the lanes of a device, the
+  step loop, the evaluations and freezing, the divergence replay; ``_sharding``: one
+  device's run and a chunk over devices; ``_distributed``: multi-process sweeps;
 * ``_trajectory_status``: :class:`TrajectoryStatus`, :class:`ConvergenceCriteria` and the
   classification of an evaluation and of the final window;
 * ``_lyapunov``: the maximal Lyapunov exponent of the GD map (``sweep(..., lyapunov=True)``)

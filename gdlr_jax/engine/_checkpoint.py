@@ -53,9 +53,11 @@ _ADDED_FIELDS = frozenset(
     {"stop_at_convergence", "converged_at", "lyapunov_steps", "lyapunov_exponent"}
 )
 #: engine options that change how fast the chunks are computed, never their values (the step
-#: loop's block length: ``tests/engine/test_sweep_layouts.py`` checks results bit for bit across
-#: step_block values), so a folder resumes with any value of them
-_SPEED_ONLY_FIELDS = frozenset({"step_block"})
+#: loop's block length and the packing of its columns: ``tests/engine/test_sweep_layouts.py``
+#: checks results bit for bit across their values), so a folder resumes with any value of
+#: them; with an optax optimiser the block length is fingerprinted (its update, unrolled, can
+#: round differently: momentum did, in the last bits)
+_SPEED_ONLY_FIELDS = frozenset({"step_block", "pack_pairs"})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # memory addresses in reprs differ run to run
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -167,8 +169,9 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     version), and the number and kind of the devices: statuses do not depend on them, but
     values of matmul losses differ in the last bits between chunk sizes and device counts
     (``docs/engine.md``), so chunks of different layouts are never mixed. Options that only
-    change the speed (``step_block``: the chunks are bit-identical for every value) are left
-    out, so a folder resumes with another value of them.
+    change the speed (``step_block`` without an optimiser, ``pack_pairs``: the chunks are
+    bit-identical for every value) are left out, so a folder resumes with another value of
+    them.
     """
     config = plan._config
     keys = None if plan._keys is None else jax.random.key_data(plan._keys)
@@ -189,10 +192,11 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
         "loss_fn": _describe(config.loss_fn),
         "loss_jaxpr": _loss_digest(plan),
     }
+    speed_only = _SPEED_ONLY_FIELDS if config.optimizer is None else {"pack_pairs"}
     for field in dataclasses.fields(config):
         if field.name in _ADDED_FIELDS and getattr(config, field.name) == field.default:
             continue  # at its default, a field added later fingerprints like its absence
-        if field.name not in _SPEED_ONLY_FIELDS | {"loss_fn"}:
+        if field.name not in speed_only | {"loss_fn"}:
             fingerprint[f"engine.{field.name}"] = _describe(getattr(config, field.name))
     return fingerprint
 

@@ -5,7 +5,7 @@ engine)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -14,11 +14,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from gdlr_jax.engine._lanes import LaneResults
 from gdlr_jax.engine._memory import (
     bytes_per_trajectory,
     check_chunk_memory,
     check_host_memory,
     default_memory_budget,
+    host_available_bytes,
     result_bytes_per_trajectory,
     tree_bytes,
 )
@@ -27,6 +29,7 @@ from gdlr_jax.engine._minibatches import (
     as_minibatches,
 )
 from gdlr_jax.engine._problem import (
+    PACK_PAIRS,
     SHARPNESS_ITERATIONS,
     STEP_BLOCK,
     EngineConfig,
@@ -38,9 +41,9 @@ from gdlr_jax.engine._sharding import LANES, run_sharded
 from gdlr_jax.engine._trajectory_status import ConvergenceCriteria
 from gdlr_jax.engine._validation import (
     check_cast_criteria,
-    check_grid_size,
     check_dtype,
     check_etas,
+    check_grid_size,
     check_key,
     check_loss,
     check_lyapunov,
@@ -50,9 +53,21 @@ from gdlr_jax.engine._validation import (
 )
 from gdlr_jax.problems._pytree import PyTree
 
-# On CPU, chunks of at most this many trajectories per device: their state stays in cache,
-# which ran ~1.5x faster than 4x larger chunks in benchmarks/bench_sweep.py (docs/engine.md).
-CPU_LANES_PER_DEVICE = 16384
+# On CPU, chunks of at most this many trajectories per device: the packed state of a small
+# model (12 bytes a lane) stays in the cores' L2 caches, and the fixed costs of a chunk (its
+# evaluations are ~50 small XLA kernels) are spread over more lanes: 1.4x faster than 16384
+# in benchmarks/bench_sweep.py (docs/benchmarks.md).
+CPU_LANES_PER_DEVICE = 65536
+
+
+def default_step_block(platform: str, optimizer: OptimizerFactory | None) -> int:
+    """Steps per unrolled block when ``step_block`` is not given: ``STEP_BLOCK`` of the
+    backend for plain GD; with an optax optimiser 1 on CPU, where its unrolled update can round
+    differently from the step-by-step one (momentum did, in the last bits), so that the
+    default keeps the values of earlier versions."""
+    if optimizer is not None and platform == "cpu":
+        return 1
+    return STEP_BLOCK.get(platform, 1)
 
 
 class SweepPlan:
@@ -93,6 +108,7 @@ class SweepPlan:
         chunk_bytes: int,
         result_bytes: int,
         peak_host_bytes: int,
+        pipelined: bool = False,
     ):
         self._config = config
         self._mesh = mesh
@@ -114,6 +130,7 @@ class SweepPlan:
         self.chunk_bytes = int(chunk_bytes)
         self.result_bytes = int(result_bytes)
         self.peak_host_bytes = int(peak_host_bytes)
+        self.pipelined = bool(pipelined)
         self.grid_shape = (int(jax.tree_util.tree_leaves(etas)[0].shape[0]), int(n_init))
         self.num_trajectories = self.grid_shape[0] * self.grid_shape[1]
         self.chunk_size = int(chunk_size)
@@ -138,13 +155,33 @@ class SweepPlan:
 
     def run_chunk(self, index: int) -> SweepChunk:
         """Runs the trajectories of chunk ``index`` and returns their results on the host."""
-        start, stop = self.chunk_bounds(index)
+        return self._fetch(index, self._start(index))
+
+    def run_chunks(self, indices: Iterable[int]) -> Iterator[SweepChunk]:
+        """:meth:`run_chunk` of each of ``indices`` in turn; with ``pipelined`` the next chunk
+        is started (JAX dispatches asynchronously) before this one is copied to the host, so
+        that the devices do not wait for the host between chunks."""
+        if not self.pipelined:
+            yield from map(self.run_chunk, indices)
+            return
+        pending = None
+        for index in indices:
+            started = (index, self._start(index))
+            if pending is not None:
+                yield self._fetch(*pending)
+            pending = started
+        if pending is not None:
+            yield self._fetch(*pending)
+
+    def _start(self, index: int) -> LaneResults:
+        """Dispatches chunk ``index`` (its results stay on the devices, maybe not ready)."""
+        start, _ = self.chunk_bounds(index)
         if self.abstract:
             raise ValueError(
                 "this plan was made from jax.ShapeDtypeStruct leaves (it sizes a sweep, it "
                 "cannot run one): plan_sweep with arrays as params0 to run it."
             )
-        out = run_sharded(
+        return run_sharded(
             self._params0,
             self._device_etas,
             self._keys,
@@ -154,6 +191,10 @@ class SweepPlan:
             mesh=self._mesh,
             lanes_per_device=self.chunk_size // self._mesh.size,
         )
+
+    def _fetch(self, index: int, out: LaneResults) -> SweepChunk:
+        """The results of chunk ``index`` on the host (waits for them)."""
+        start, stop = self.chunk_bounds(index)
         host = jax.tree_util.tree_map(lambda x: x[: stop - start], jax.device_get(out))
         return SweepChunk(start, stop, **host._asdict())
 
@@ -316,11 +357,14 @@ def plan_sweep(
             0 if sharpness_every is None and not lyapunov else int(sharpness_iterations)
         ),
         step_block=(
-            STEP_BLOCK.get(devices[0].platform, 1) if step_block is None else int(step_block)
+            default_step_block(devices[0].platform, optimizer)
+            if step_block is None
+            else int(step_block)
         ),
         per_leaf_etas=per_leaf_etas,
         stop_at_convergence=bool(stop_at_convergence),
         lyapunov_steps=lyapunov_steps,
+        pack_pairs=devices[0].platform in PACK_PAIRS,
     )
     n_dev = len(devices)
     total = jax.tree_util.tree_leaves(etas_host)[0].shape[0] * n_init
@@ -345,6 +389,13 @@ def plan_sweep(
     if all(d.platform == "cpu" for d in devices):  # device buffers are host memory
         peak += n_dev * inputs + chunk_bytes
     check_host_memory(peak, result_per_trajectory, total)
+    # the next chunk is started before this one is fetched where two fit in the budget (and,
+    # on CPU, in the host memory left)
+    limit = host_available_bytes()
+    on_host = all(d.platform == "cpu" for d in devices)
+    pipelined = 2 * (chunk_size // n_dev) * per_trajectory <= budget and (
+        not on_host or limit is None or peak + chunk_bytes <= limit
+    )
     check_grid_size(total // n_init, n_init)  # after the memory checks, which name keys
     mesh = Mesh(np.array(devices), (LANES,))
     return SweepPlan(
@@ -358,7 +409,8 @@ def plan_sweep(
         mesh,
         chunk_bytes=chunk_bytes,
         result_bytes=total * result_per_trajectory,
-        peak_host_bytes=peak,
+        peak_host_bytes=peak + (chunk_bytes if pipelined and on_host else 0),
+        pipelined=pipelined,
     )
 
 

@@ -6,10 +6,13 @@ The parameters of the ``m`` trajectories (lanes) of a device are a tuple of arra
 first axis is the lane, never concatenated into an ``(m, d)`` matrix while stepping:
 
 * **columns** (plain full-batch GD of a model with at most ``FORWARD_MODE_MAX_PARAMS`` scalar
-  parameters): one ``(m,)`` array per scalar parameter, in the order of ``ravel_pytree``; the
-  gradient is taken by forward mode, one JVP per scalar with the others held fixed,
-  ``dL/dtheta_i = jvp(L, theta, e_i)``. Every intermediate is then one number per lane, which
-  XLA vectorises across lanes whatever the shapes of the user's leaves;
+  parameters): one ``(m,)`` array per scalar parameter, in the order of ``ravel_pytree``; for
+  array leaves the gradient is taken by forward mode, one JVP per scalar with the others held
+  fixed, ``dL/dtheta_i = jvp(L, theta, e_i)``, for scalar leaves by reverse mode
+  (:attr:`Layout.forward_mode`). Every intermediate is then one number per lane, which XLA
+  vectorises across lanes whatever the shapes of the user's leaves. On CPU the step loop
+  carries the columns packed in pairs as complex numbers (``pack_pairs``:
+  :mod:`gdlr_jax.engine._stepping`);
 * **leaves** (everything else): the leaves of the user's pytree, each ``(m, ...)``, and the
   gradient by reverse mode (``jax.grad``), leaf by leaf.
 
@@ -34,6 +37,7 @@ from jaxtyping import Array, Bool, Float
 
 from gdlr_jax.curvature._extreme_eigenvalues import top_eigenvalues
 from gdlr_jax.engine._minibatches import Minibatches, full_batch_value_and_grad
+from gdlr_jax.engine._scalar_loss import scalar_loss
 from gdlr_jax.engine._trajectory_status import ConvergenceCriteria, sum_last_axis
 from gdlr_jax.problems._pytree import PyTree
 
@@ -42,7 +46,7 @@ OptimizerFactory = Callable[..., optax.GradientTransformation]
 State = tuple  # the parameters of one lane (or of m lanes, each entry with a lane axis first)
 
 # Plain GD of models with at most this many scalar parameters keeps one column per scalar
-# and takes forward-mode gradients: d JVPs cost about d evaluations of the loss, against ~3
+# (and takes forward-mode gradients for array leaves): d JVPs cost about d evaluations of the loss, against ~3
 # for reverse mode. Measured on scalar chains (benchmarks/bench_sweep.py --layouts,
 # docs/benchmarks.md): forward mode took 0.68x the time of reverse mode at d = 2, 0.44x at
 # d = 4, 1.6x at d = 8 and 3.3x at d = 16.
@@ -51,7 +55,11 @@ SHARPNESS_ITERATIONS = 20  # default Lanczos steps per sharpness measurement (at
 # default final steps of the Lyapunov exponent (at least the window, at most steps): its
 # spread over starts of a chaotic cubic map is ~0.015 at 256 steps (ConvergenceCriteria)
 LYAPUNOV_STEPS = 256
-STEP_BLOCK = {"cpu": 1, "gpu": 4, "tpu": 4}  # default steps per unrolled block, per backend
+STEP_BLOCK = {"cpu": 4, "gpu": 4, "tpu": 4}  # default steps per unrolled block, per backend
+# Backends whose step loop carries the columns packed in pairs, x_0 + i x_1, ... (complex):
+# XLA:CPU writes each output array of a fused step in its own loop over the lanes, which
+# recomputes the whole step for each; one complex array is one loop (docs/benchmarks.md).
+PACK_PAIRS = frozenset({"cpu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,7 @@ class EngineConfig:
     per_leaf_etas: bool = False  # etas is a pytree like the params, one step size per leaf
     stop_at_convergence: bool = True  # False: converged lanes keep stepping and recording
     lyapunov_steps: int = 0  # final steps of the Lyapunov exponent (0: not measured)
+    pack_pairs: bool = False  # the step loop carries columns in complex pairs (PACK_PAIRS)
 
     @property
     def window(self) -> int:
@@ -98,7 +107,7 @@ def transform(factory: OptimizerFactory, eta: Float[Array, ""]) -> optax.Gradien
 
 
 def uses_columns(config: EngineConfig, num_params: int, has_data: bool) -> bool:
-    """Whether the lanes are stored as one column per scalar parameter (forward mode)."""
+    """Whether the lanes are stored as one column per scalar parameter."""
     return config.optimizer is None and not has_data and num_params <= FORWARD_MODE_MAX_PARAMS
 
 
@@ -120,6 +129,15 @@ class Layout(NamedTuple):
         """The layout of ``params`` (leaves ``(m, ...)``)."""
         leaves, treedef = jax.tree_util.tree_flatten(params)
         return cls(treedef, tuple(leaf.shape[1:] for leaf in leaves), columns)
+
+    @property
+    def forward_mode(self) -> bool:
+        """Whether the gradient is taken by forward mode, one JVP per scalar: for columns of
+        array leaves. Columns that are scalar leaves take reverse mode: its adjoint is shared by
+        every entry (about 9 operations per step of ``1/2 (1 - x y)^2`` against 13), and
+        without array leaves the user's loss builds no array of the entries, whose JVP would
+        multiply by the zero tangents of the others (``x * 0`` is not folded: IEEE)."""
+        return self.columns and any(shape != () for shape in self.shapes)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -192,10 +210,15 @@ class Problem(NamedTuple):
     def value_and_grad(
         self, state: State, batch: PyTree | None = None
     ) -> tuple[Float[Array, ""], State]:
-        """``L`` and ``grad L`` at ``state``: forward mode per scalar for columns (one JVP of
-        the unit tangent of each entry, the other entries held fixed), else reverse mode."""
-        if not self.layout.columns:
+        """``L`` and ``grad L`` at ``state``: reverse mode, for columns of array leaves on
+        the loss unrolled into scalars (:meth:`unrolled_loss`); where it cannot be unrolled,
+        forward mode per scalar (one JVP of the unit tangent of each entry, the other entries
+        held fixed; :attr:`Layout.forward_mode`)."""
+        if not self.layout.forward_mode:
             return jax.value_and_grad(self.loss)(state, batch)
+        unrolled = self.unrolled_loss(state)
+        if unrolled is not None:
+            return jax.value_and_grad(unrolled)(state)
 
         def along(i):
             def loss_i(x):
@@ -205,6 +228,13 @@ class Problem(NamedTuple):
 
         pairs = [along(i) for i in range(len(state))]
         return pairs[0][0], tuple(derivative for _, derivative in pairs)
+
+    def unrolled_loss(self, state: State) -> Callable[[State], Float[Array, ""]] | None:
+        """The loss of one lane of columns as a function of its scalars, the user's arrays
+        unrolled (:func:`gdlr_jax.engine._scalar_loss.scalar_loss`), or ``None``."""
+        first = [0, *itertools.accumulate(self.layout.sizes)][:-1]
+        dtypes = tuple(jnp.dtype(state[i].dtype) for i in first)
+        return scalar_loss(self.config.loss_fn, self.layout.shapes, dtypes, self.layout.treedef)
 
     def step(
         self, state: State, opt_state: PyTree, eta: State, batch: PyTree | None

@@ -18,6 +18,21 @@ from gdlr_jax.engine._problem import Problem, State
 from gdlr_jax.problems._pytree import PyTree
 
 
+def pack_pairs(columns: State) -> State:
+    """The columns ``(m,)`` of the lanes packed in pairs: ``x_0 + i x_1, x_2 + i x_3, ...``
+    (complex, exact), an odd last column as it is."""
+    pairs = tuple(lax.complex(a, b) for a, b in zip(columns[::2], columns[1::2]))
+    return pairs + columns[len(pairs) * 2 :]
+
+
+def unpack_pairs(packed: State, d: int) -> State:
+    """The ``d`` columns of :func:`pack_pairs`."""
+    columns = []
+    for z in packed[: d // 2]:
+        columns += [jnp.real(z), jnp.imag(z)]
+    return tuple(columns) + tuple(packed[d // 2 :])
+
+
 def advance(
     problem: Problem,
     state: State,
@@ -39,7 +54,11 @@ def advance(
 
     In the columns layout the loop carries the ``d`` columns as the rows of one ``(d, m)``
     array (structure of arrays: each row contiguous), so that XLA fuses a whole step into one
-    loop over the lanes that writes every row. The ``t1 - t0`` steps run as
+    loop over the lanes that writes every row; with ``config.pack_pairs`` (CPU) and float32 or
+    float64 columns of one dtype, packed in pairs as complex numbers instead
+    (:func:`pack_pairs`): XLA:CPU writes each row, or each output, in a loop of its own that
+    recomputes the step, so ``d = 2`` columns in one complex array are stepped by one loop,
+    and ``d = 3, 4`` by two. The ``t1 - t0`` steps run as
     ``(t1 - t0) // k`` blocks of ``k = step_block`` steps written out one after the other
     (fused into one pass over the lanes; for the columns, in pairs of blocks that write
     alternate buffers, so that the loop carries no copy), then the remaining steps one at a
@@ -66,15 +85,21 @@ def advance(
 
     batch_axis = None if problem.data is None or config.same_batches else 0
     columns = problem.layout.columns
-    if columns:  # the loop carries the columns as the rows of one (d, m) array
+    lanes_step = jax.vmap(lane_step, in_axes=(0, 0, 0, 0, batch_axis))
+    if columns:  # the loop carries the columns as one (d, m) array, or packed in pairs
+        d = len(state)
+        dtypes = {x.dtype for x in state}
+        pairs = config.pack_pairs and dtypes <= {jnp.dtype(jnp.float32)} | {jnp.dtype(jnp.float64)}
+        pairs = pairs and len(dtypes) == 1 and d > 1
+        pack = pack_pairs if pairs else jnp.stack
+        unpack = functools.partial(unpack_pairs, d=d) if pairs else tuple
 
-        def rows_step(rows, opt_state, eta, run, batch):
-            new_state, opt_state = lane_step(tuple(rows), opt_state, eta, run, batch)
-            return jnp.stack(new_state), opt_state
+        def step(packed, opt_state, eta, run, batch):
+            new_state, opt_state = lanes_step(unpack(packed), opt_state, eta, run, batch)
+            return pack(new_state), opt_state
 
-        step = jax.vmap(rows_step, in_axes=(1, 0, 0, 0, batch_axis), out_axes=(1, 0))
     else:
-        step = jax.vmap(lane_step, in_axes=(0, 0, 0, 0, batch_axis))
+        step = lanes_step
     if problem.data is not None:
         source = Minibatches(problem.data, config.batch_size)
         shuffle = functools.partial(epoch_permutation, source)
@@ -86,7 +111,11 @@ def advance(
     def one_step(t, carry):
         state, opt_state, permutation, history = carry
         if history is not None:
-            theta = state.T if columns else jax.vmap(problem.layout.flat)(state)
+            theta = (
+                jnp.stack(unpack(state), axis=1)
+                if columns
+                else jax.vmap(problem.layout.flat)(state)
+            )
             history = lax.dynamic_update_index_in_dim(history, theta, t - window_start, 0)
         batch = None
         if problem.data is not None:
@@ -107,7 +136,7 @@ def advance(
         return carry
 
     permutation = None if problem.data is None else shuffle(keys, t0)
-    carry = (jnp.stack(state) if columns else state, opt_state, permutation, history)
+    carry = (pack(state) if columns else state, opt_state, permutation, history)
     if columns and history is None:
         # A step of the columns reads every row, so it cannot overwrite the rows it reads and
         # XLA would copy the carried array once per block. Two buffers instead: each block
@@ -125,7 +154,7 @@ def advance(
         carry = lax.fori_loop(0, num_blocks, one_block, carry)
         t0 = t0 + num_blocks * block
     state, opt_state, _, history = lax.fori_loop(t0, t1, one_step, carry)
-    return (tuple(state) if columns else state), opt_state, history
+    return (unpack(state) if columns else state), opt_state, history
 
 
 def run_phase(

@@ -151,9 +151,10 @@ def sweep(
             folder, which every process must see; each then returns the whole result,
             bit-identical to a one-process sweep (``gdlr_jax.engine._distributed``,
             ``docs/distributed.md``).
-        step_block: steps per unrolled block of the step loop (the same results for every
-            value; only the speed differs). ``None``: the measured default of the devices'
-            backend (``docs/engine.md``).
+        step_block: steps per unrolled block of the step loop (plain GD: the same results
+            for every value, only the speed differs; with an optax optimiser the last bits
+            can differ). ``None``: the measured default of the devices' backend, 1 with an
+            optimiser on CPU (``docs/engine.md``).
         stop_at_convergence: ``True`` (default): a trajectory found converged is frozen there
             (its recordings then hold its final values). ``False``: it keeps its status, its
             first convergence time goes to ``SweepResult.converged_at``, and it is stepped and
@@ -236,13 +237,13 @@ def sweep(
 
         indices = tqdm(indices, desc="sweep", unit="chunk")
 
-    run_chunk = plan.run_chunk
-    if checkpoint_dir is not None:
-        run_chunk = ChunkStore(checkpoint_dir, plan).load_or_run
+    if checkpoint_dir is None:
+        results = plan.run_chunks(indices)
+    else:
+        results = map(ChunkStore(checkpoint_dir, plan).load_or_run, indices)
 
     def chunks():
-        for index in indices:
-            chunk = run_chunk(index)
+        for index, chunk in zip(range(plan.num_chunks), results):
             if on_chunk is not None:
                 on_chunk(index, chunk)
             yield chunk

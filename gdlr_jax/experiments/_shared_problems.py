@@ -4,7 +4,8 @@ loading) and MLPs on it as inputs of :func:`gdlr_jax.sweep`.
 
 Each experiment module holds only what is its own; what experiments share lives here (and in
 :mod:`gdlr_jax.experiments._skeleton`), so that no experiment module imports another
-(``tests/test_architecture.py``). Used by :mod:`~gdlr_jax.experiments.two_neuron` and
+(``tests/test_architecture.py``). Used by :mod:`~gdlr_jax.experiments.two_neuron` (and its
+parts ``_two_neuron_*``) and
 :mod:`~gdlr_jax.experiments.mnist` (their own studies) and by
 :mod:`~gdlr_jax.experiments.fractal_boundary` (its ``two_neuron_*`` and ``mnist_eta`` planes).
 """

@@ -232,6 +232,16 @@ def test_step_block_is_not_in_the_fingerprint():
     # step_block changes the speed, never the chunks (test_sweep_layouts.py): a folder resumes
     one, three = (sweep_fingerprint(gdlr_jax.plan_sweep(**GD, step_block=k)) for k in (1, 3))
     assert one == three and "engine.step_block" not in one
+    assert "engine.pack_pairs" not in one  # nor the packing of the columns
+
+
+def test_with_an_optimiser_step_block_is_in_the_fingerprint_and_defaults_to_one_on_cpu():
+    """An optax update unrolled in blocks can round differently (momentum did): the block
+    length is then part of the fingerprint, and on CPU its default is 1."""
+    one, three = (sweep_fingerprint(gdlr_jax.plan_sweep(**SGD, step_block=k)) for k in (1, 3))
+    assert one["engine.step_block"] == "1" and three["engine.step_block"] == "3"
+    assert gdlr_jax.plan_sweep(**SGD)._config.step_block == 1
+    assert gdlr_jax.plan_sweep(**GD)._config.step_block == gdlr_jax.engine._problem.STEP_BLOCK["cpu"]
 
 
 @pytest.mark.slow

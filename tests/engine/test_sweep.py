@@ -195,6 +195,22 @@ def test_results_do_not_depend_on_chunking():
         )
 
 
+def test_chunks_are_pipelined_where_two_fit_in_the_memory_budget():
+    """The next chunk is started before this one is fetched (pipelined) only where two chunks
+    fit in the budget; either way the chunks come in order with the same values."""
+    plan = functools.partial(gdlr_jax.plan_sweep, two_neuron, INITS, ETAS, steps=50,
+                             min_loss_value=0.0, dtype=jnp.float32, chunk_size=4)  # fmt: skip
+    pipelined = plan()
+    per_chunk = pipelined.chunk_bytes
+    serial = plan(memory_budget_bytes=per_chunk + per_chunk // 2)
+    assert pipelined.pipelined and not serial.pipelined
+    chunks = [list(p.run_chunks(range(p.num_chunks))) for p in (pipelined, serial)]
+    for a, b in zip(*chunks):
+        assert (a.start, a.stop) == (b.start, b.stop)
+        np.testing.assert_array_equal(a.status, b.status)
+        np.testing.assert_array_equal(a.final_params, b.final_params)
+
+
 @pytest.mark.slow
 def test_plan_runs_chunks_separately_and_checks_coverage():
     plan = gdlr_jax.plan_sweep(

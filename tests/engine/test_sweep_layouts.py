@@ -163,21 +163,69 @@ def test_step_block_is_checked():
         gdlr_jax.plan_sweep(two_neuron, INITS, ETAS, steps=10, step_block=0)
 
 
-def test_the_step_loop_carries_no_copy_of_the_lanes():
-    """The optimised HLO of the step loop of the columns has no copy of the (d, m) lanes:
-    pairs of blocks write alternate buffers (a step reads every row, so it cannot be written
-    in place; a one-buffer loop copied the lanes once per block)."""
+@pytest.mark.parametrize("packed", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_the_step_loop_carries_no_copy_of_the_lanes(packed, monkeypatch):
+    """The optimised HLO of the step loop of the columns has no copy of the lanes, packed in
+    one complex array (the CPU default) or as a (d, m) array: pairs of blocks write alternate
+    buffers (a step reads every row, so it cannot be written in place; a one-buffer loop
+    copied the lanes once per block)."""
+    if not packed:
+        monkeypatch.setattr(gdlr_jax.engine._plan, "PACK_PAIRS", frozenset())
     for params0, loss in ((INITS, two_neuron), ({"x": INITS[:, 0], "y": INITS[:, 1]}, two_neuron_dict)):
         plan = gdlr_jax.plan_sweep(loss, params0, ETAS, steps=100, step_block=2)
+        assert plan._config.pack_pairs is packed
         m = plan.chunk_size
         text = run_sharded.lower(
             plan._params0, plan._device_etas, None, None, jnp.int32(0),
             config=plan._config, mesh=plan._mesh, lanes_per_device=m,
         ).compile().as_text()
         computations = {c.split(" ", 1)[0].lstrip("%"): c for c in text.split("\n\n")}
-        lanes = f"f32[2,{m}]"
+        lanes = f"c64[{m}]{{0}}" if packed else f"f32[2,{m}]{{1,0}}"
         step_loops = re.findall(r"while\(.*?body=%?([\w.\-]+).*step_pairs", text)
         assert step_loops, "no loop of pairs of blocks found"
         for body in step_loops:
-            assert f"{lanes}{{1,0}} fusion(" in computations[body]  # the step
-            assert f"{lanes}{{1,0}} copy(" not in computations[body], computations[body]
+            assert f"{lanes} fusion(" in computations[body]  # the step
+            assert f"{lanes} copy(" not in computations[body], computations[body]
+
+
+def chain(theta):
+    return 0.5 * (1.0 - jnp.prod(theta)) ** 2
+
+
+def chain_dict(params):
+    return 0.5 * (1.0 - jnp.prod(jnp.stack(jax.tree_util.tree_leaves(params)))) ** 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("d", "as_dict", "dtype"),
+    [(2, False, jnp.float64), (3, True, jnp.float32), (4, False, jnp.float32)],
+)
+def test_packed_pairs_give_the_same_trajectories(d, as_dict, dtype, monkeypatch):
+    """Columns packed in complex pairs (an odd last one as it is) step exactly like the
+    (d, m) rows: statuses, periods, iterates, losses and recordings bit for bit, in the main
+    loop and in the final window."""
+    inits = 1.0 + 0.3 * np.random.default_rng(d).standard_normal((12, d))
+    params0 = {f"p{i}": inits[:, i] for i in range(d)} if as_dict else inits
+    loss = chain_dict if as_dict else chain
+    kwargs = {"steps": 120, "min_loss_value": 0.0, "dtype": dtype, "check_every": 16,
+              "record_every": 7, "record_params": True, "step_block": 3}  # fmt: skip
+    etas = np.array([0.3, 0.9, 1.3])
+    packed = gdlr_jax.sweep(loss, params0, etas, **kwargs)
+    monkeypatch.setattr(gdlr_jax.engine._plan, "PACK_PAIRS", frozenset())
+    rows = gdlr_jax.sweep(loss, params0, etas, **kwargs)
+    assert gdlr_jax.plan_sweep(loss, params0, etas, **kwargs)._config.pack_pairs is False
+    assert len(set(np.asarray(packed.status).ravel().tolist())) > 1  # several outcomes
+    assert_same_trajectories(packed, rows)
+    for name in ("recorded_params", "recorded_loss", "asymptotic_step_norm", "final_grad_norm"):
+        for x, y in zip(*(jax.tree_util.tree_leaves(getattr(r, name)) for r in (packed, rows))):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_scalar_leaves_take_reverse_mode_and_array_leaves_forward_mode():
+    """The columns of scalar leaves take reverse-mode gradients (no array of the entries is
+    built, and the adjoint is shared); columns of array leaves forward mode, one JVP each."""
+    assert not _problem.Layout.of({"x": np.zeros(3), "y": np.zeros(3)}, True).forward_mode
+    assert _problem.Layout.of(np.zeros((3, 2)), True).forward_mode
+    assert _problem.Layout.of({"w": np.zeros((3, 2)), "s": np.zeros(3)}, True).forward_mode
+    assert not _problem.Layout.of(np.zeros((3, 2)), False).forward_mode  # leaves: reverse
