@@ -371,9 +371,10 @@ def plan_sweep(
     requested = chunk_size
     per_trajectory = bytes_per_trajectory(config, params_host, source)
     budget = memory_budget_bytes or default_memory_budget(devices)
+    on_host = all(d.platform == "cpu" for d in devices)  # device buffers are host memory
     if chunk_size is None:
         per_device = max(1, budget // per_trajectory)
-        if all(d.platform == "cpu" for d in devices):
+        if on_host:
             per_device = min(per_device, CPU_LANES_PER_DEVICE)
         chunk_size = per_device * n_dev
     chunk_size = min(int(chunk_size), total)
@@ -386,13 +387,12 @@ def plan_sweep(
     chunk_bytes = chunk_size * per_trajectory
     inputs = tree_bytes(params_host) + (0 if source is None else tree_bytes(source.data))
     peak = total * result_per_trajectory + inputs
-    if all(d.platform == "cpu" for d in devices):  # device buffers are host memory
+    if on_host:
         peak += n_dev * inputs + chunk_bytes
     check_host_memory(peak, result_per_trajectory, total)
     # the next chunk is started before this one is fetched where two fit in the budget (and,
     # on CPU, in the host memory left)
     limit = host_available_bytes()
-    on_host = all(d.platform == "cpu" for d in devices)
     pipelined = 2 * (chunk_size // n_dev) * per_trajectory <= budget and (
         not on_host or limit is None or peak + chunk_bytes <= limit
     )

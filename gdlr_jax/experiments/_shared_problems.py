@@ -91,9 +91,16 @@ DATA = Section(
 )
 
 
-def mlp_model(depths: NumberList) -> Section:
+def mlp_model(each: str, check: Callable[[list], str | None]) -> Section:
     """The config's ``model`` section of an MNIST experiment: the MLP of ``gdlr_jax.mlp`` (depth
-    hidden layers of width units) with the experiment's own ``depths`` key."""
+    hidden layers of width units); its ``depths`` are the numbers of hidden layers, with
+    ``each`` saying what the experiment does per depth and ``check`` its rule on the list."""
+    depths = NumberList(
+        Scalar(int, "a number of hidden layers", ge=0),
+        f"numbers of hidden layers; {each}",
+        [1, 2],
+        check=check,
+    )
     return Section(
         "the MLP (gdlr_jax.mlp): depth hidden layers of width units",
         {
@@ -255,3 +262,13 @@ def mlp_problem(
 
         return MlpProblem(full_batch_loss, params0, None, None, optimizer)
     return MlpProblem(loss_fn, params0, (batch, training["batch_size"]), batch_key, optimizer)
+
+
+#: the ``engine.etas_per_chunk`` key of the MNIST experiments (chunk = that many step sizes)
+ETAS_PER_CHUNK = Scalar(
+    int,
+    "step sizes run together (n_init trajectories each); a chunk stops as soon "
+    "as all its trajectories have finished",
+    1,
+    ge=1,
+)

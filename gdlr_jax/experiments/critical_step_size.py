@@ -50,12 +50,13 @@ from gdlr_jax.engine._memory import readable_size
 from gdlr_jax.experiments import _skeleton
 from gdlr_jax.experiments._shared_problems import (
     DATA,
+    ETAS_PER_CHUNK,
     _distinct,
     load_data,
     mlp_model,
     mlp_problem,
 )
-from gdlr_jax.experiments._skeleton import NumberList, RunSteps
+from gdlr_jax.experiments._skeleton import RunSteps
 from gdlr_jax.experiments.config import ConfigError, Numbers, Scalar, Section
 from gdlr_jax.experiments.figures.critical_step_size import (
     PAPER_ETA,
@@ -108,14 +109,7 @@ SCHEMA = _skeleton.schema(
     _skeleton.dtype_key("float32", "floating dtype of parameters and data"),
     {
         "data": DATA,
-        "model": mlp_model(
-            NumberList(
-                Scalar(int, "a number of hidden layers", ge=0),
-                "numbers of hidden layers; one estimate each",
-                [1, 2],
-                check=_distinct,
-            )
-        ),
+        "model": mlp_model("one estimate each", _distinct),
         "search": Section(
             "gdlr_jax.estimate_critical_step_size: rounds of one sweep each, from the same "
             "initialisations",
@@ -153,13 +147,7 @@ SCHEMA = _skeleton.schema(
     },
     _skeleton.engine_section(
         {
-            "etas_per_chunk": Scalar(
-                int,
-                "step sizes run together (n_init trajectories each); a chunk stops as soon "
-                "as all its trajectories have finished",
-                1,
-                ge=1,
-            ),
+            "etas_per_chunk": ETAS_PER_CHUNK,
         },
         chunking_last=True,
     ),

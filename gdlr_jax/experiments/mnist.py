@@ -54,6 +54,7 @@ from gdlr_jax.engine._memory import readable_size
 from gdlr_jax.experiments import _skeleton, figures
 from gdlr_jax.experiments._shared_problems import (
     DATA,
+    ETAS_PER_CHUNK,
     MlpProblem,
     load_data,
     mlp_model,
@@ -88,14 +89,7 @@ SCHEMA = _skeleton.schema(
     _skeleton.dtype_key("float32", "floating dtype of parameters and data"),
     {
         "data": DATA,
-        "model": mlp_model(
-            NumberList(
-                Scalar(int, "a number of hidden layers", ge=0),
-                "numbers of hidden layers; one sweep each",
-                [1, 2],
-                check=_increasing,
-            )
-        ),
+        "model": mlp_model("one sweep each", _increasing),
         "training": Section(
             "the trajectories: one per (step size, initialisation) and depth",
             {
@@ -135,13 +129,7 @@ SCHEMA = _skeleton.schema(
     },
     _skeleton.engine_section(
         {
-            "etas_per_chunk": Scalar(
-                int,
-                "step sizes run together (n_init trajectories each); a chunk stops as soon "
-                "as all its trajectories have finished",
-                1,
-                ge=1,
-            ),
+            "etas_per_chunk": ETAS_PER_CHUNK,
             "stop_at_convergence": Scalar(
                 bool,
                 "true: a converged trajectory is frozen there (its heatmap rows then show eta x "
