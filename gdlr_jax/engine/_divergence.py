@@ -37,7 +37,6 @@ def pinpoint_divergence(
     pending = (lanes.status == TrajectoryStatus.DIVERGED) & (
         lanes.detected_at > lanes.steps_taken
     )
-    count, order = pack(pending)
 
     def replay(state, opt_state, eta, check_eta, start, stop, key):
         def running(carry):
@@ -63,14 +62,13 @@ def pinpoint_divergence(
         state, opt_state, t, _ = lax.while_loop(
             running, step, (state, opt_state, start, jnp.bool_(True))
         )
-        loss, grad_norm, step_norm, _ = problem.evaluate(state, eta, check_eta)
+        loss, grad_norm, step_norm, _, _ = problem.evaluate(state, eta, check_eta)
         return state, opt_state, t, loss, grad_norm, step_norm
 
     key_axis = None if keys is None or config.same_batches else 0
     replay_block = jax.vmap(replay, in_axes=(0, 0, 0, 0, 0, 0, key_axis))
 
-    def body(carry):
-        b, lanes = carry
+    def replay_block_of(order, count, b, lanes):
         index, valid = packed_block(order, count, b, block)
         take = functools.partial(jnp.take, indices=index, axis=0)
         state, opt_state, t, loss, grad_norm, step_norm = replay_block(
@@ -101,9 +99,19 @@ def pinpoint_divergence(
                 jnp.where(jnp.isfinite(loss), jnp.minimum(old_min, loss), old_min),
             ),
         )
-        return b + 1, lanes
+        return lanes
 
-    _, lanes = lax.while_loop(
-        lambda carry: carry[0] * block < count, body, (jnp.int32(0), lanes)
-    )
-    return lanes
+    def replay_all(lanes):
+        count, order = pack(pending)
+
+        def body(carry):
+            b, lanes = carry
+            return b + 1, replay_block_of(order, count, b, lanes)
+
+        _, lanes = lax.while_loop(
+            lambda carry: carry[0] * block < count, body, (jnp.int32(0), lanes)
+        )
+        return lanes
+
+    # no lane pending (the common case): not even their packing (a cumulative sum) is paid
+    return lax.cond(jnp.any(pending), replay_all, lambda lanes: lanes, lanes)

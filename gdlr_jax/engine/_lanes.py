@@ -59,7 +59,7 @@ class Lanes(NamedTuple):
     detected_at: Int[Array, " m"]  # evaluation time at which divergence was seen
     final_loss: Float[Array, " m"]
     final_grad_norm: Float[Array, " m"]
-    final_step_norm: Float[Array, " m"]  # the step norm of the evaluation at steps_taken
+    final_step_norm: Float[Array, " m"]  # its step norm (final_values: evaluated at the end)
     min_loss: Float[Array, " m"]
     recorded_loss: Float[Array, "m n_rec"] | None
     recorded_step_norm: Float[Array, "m n_rec"] | None
@@ -70,11 +70,24 @@ class Lanes(NamedTuple):
     # none), and whether a converged lane is still being stepped (until it leaves the bound)
     converged_at: Int[Array, " m"] | None = None
     coasting: Bool[Array, " m"] | None = None
+    # full-batch plain GD: the step size of every entry of the state, 0 for the lanes not
+    # stepping (frozen: theta - 0 * grad L = theta), rewritten only when some lane settles
+    step_etas: State | None = None
+    # Problem.keeps_gradient: the full-batch gradient at `state`, for the next step
+    grad: State | None = None
 
     def stepping(self) -> Bool[Array, " m"]:
         """The lanes the step loop advances: running ones, and converged ones that coast."""
         running = self.status == RUNNING
         return running if self.coasting is None else running | self.coasting
+
+    def freeze(self, problem: Problem, etas: StepSizes) -> Lanes:
+        """``step_etas`` for the lanes' status (full-batch plain GD; else ``None``)."""
+        if problem.config.optimizer is not None or problem.data is not None:
+            return self
+        stepping = self.stepping()  # one where per distinct array (entries of a leaf share one)
+        frozen = {id(e): jnp.where(stepping, e, jnp.zeros_like(e)) for e in etas.step}
+        return self._replace(step_etas=tuple(frozen[id(e)] for e in etas.step))
 
 
 class LaneResults(NamedTuple):
@@ -129,8 +142,9 @@ def packed_block(
 
 def evaluate_lanes(
     problem: Problem, state: State, etas: StepSizes
-) -> tuple[Float[Array, " m"], Float[Array, " m"], Float[Array, " m"], Bool[Array, " m"]]:
-    """:meth:`Problem.evaluate` of every lane: loss, gradient norm, step norm, bound check."""
+) -> tuple[Float[Array, " m"], Float[Array, " m"], Float[Array, " m"], Bool[Array, " m"], State]:
+    """:meth:`Problem.evaluate` of every lane: loss, gradient norm, step norm, bound check,
+    gradient."""
     return jax.vmap(problem.evaluate)(state, etas.step, etas.check)
 
 
@@ -141,7 +155,7 @@ def start_lanes(problem: Problem, state: State, etas: StepSizes) -> Lanes:
     config = problem.config
     m, n_rec = etas.check.shape[0], config.num_records
     opt_state = jax.vmap(problem.init_optimizer)(state, etas.step)
-    loss, grad_norm, step_norm, bounded = evaluate_lanes(problem, state, etas)
+    loss, grad_norm, step_norm, bounded, grad = evaluate_lanes(problem, state, etas)
     status, _, _ = classify_evaluation(
         jnp.zeros(m, jnp.int32),
         loss,
@@ -172,7 +186,7 @@ def start_lanes(problem: Problem, state: State, etas: StepSizes) -> Lanes:
         )
         converged_at = jnp.where(converged, 0, -1).astype(jnp.int32)
         coasting = converged
-    return Lanes(
+    lanes = Lanes(
         converged_at=converged_at,
         coasting=coasting,
         state=state,
@@ -189,4 +203,6 @@ def start_lanes(problem: Problem, state: State, etas: StepSizes) -> Lanes:
         recorded_state=recorded_state,
         sharpness_vector=sharpness_vector,
         recorded_sharpness=recorded_sharpness,
+        grad=grad if problem.keeps_gradient else None,
     )
+    return lanes.freeze(problem, etas)

@@ -33,12 +33,12 @@ def bytes_per_trajectory(
 ) -> int:
     """Rough device memory of one trajectory (lane) of a chunk, in bytes.
 
-    Parameters are held about six times (iterate, rollback copy, step, gradient, evaluation),
-    the optimiser state twice, plus the final-window history, the recordings and, with
-    per-initialisation batches, a shuffle and a batch, with sharpness tracking the Lanczos
-    basis, and with the Lyapunov exponent the snapshot at ``steps - lyapunov_steps``, the
-    tangent replay (iterate, tangent, their JVP: about four copies) and the Lanczos basis of
-    the fixed points. Activations of ``loss_fn`` are not counted: lower the budget for large
+    Parameters are held about six times (iterate, rollback copy, step, gradient, the
+    gradient kept from the evaluation), the optimiser state twice, plus the final-window
+    history, the recordings and, with per-initialisation batches, a shuffle and a batch,
+    with sharpness tracking the Lanczos basis, and with the Lyapunov exponent the snapshot at
+    ``steps - lyapunov_steps``, the tangent replay (iterate, tangent, their JVP: about four
+    copies) and the Lanczos basis of the fixed points. Activations of ``loss_fn`` are not counted: lower the budget for large
     models.
     """
     single = one_trajectory(params)

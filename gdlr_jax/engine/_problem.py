@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float
 from gdlr_jax.curvature._extreme_eigenvalues import top_eigenvalues
 from gdlr_jax.engine._minibatches import Minibatches, full_batch_value_and_grad
 from gdlr_jax.engine._scalar_loss import scalar_loss
-from gdlr_jax.engine._trajectory_status import ConvergenceCriteria, sum_last_axis
+from gdlr_jax.engine._trajectory_status import ConvergenceCriteria, reduce_row, sum_last_axis
 from gdlr_jax.problems._pytree import PyTree
 
 LossFn = Callable[..., Float[Array, ""]]
@@ -60,6 +60,7 @@ STEP_BLOCK = {"cpu": 4, "gpu": 4, "tpu": 4}  # default steps per unrolled block,
 # XLA:CPU writes each output array of a fused step in its own loop over the lanes, which
 # recomputes the whole step for each; one complex array is one loop (docs/benchmarks.md).
 PACK_PAIRS = frozenset({"cpu"})
+_PAIRED_DTYPES = {jnp.dtype("float32"), jnp.dtype("float64")}  # complex64, complex128 pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +187,13 @@ class Layout(NamedTuple):
             return jnp.stack(state)
         return jnp.concatenate([jnp.ravel(x) for x in state])
 
+    def sum_of_squares(self, state: State) -> Float[Array, ""]:
+        """``||theta||_2^2`` of one lane: ``sum_last_axis`` of ``theta^2`` (columns: over the
+        entries, without forming ``theta``)."""
+        if self.columns:
+            return reduce_row([jnp.square(x) for x in state], jnp.add, jnp.sum)
+        return sum_last_axis(jnp.square(self.flat(state)))
+
     def entries(self, theta: Float[Array, " d"]) -> State:
         """The state of one lane from its ``theta (d,)`` (the inverse of :meth:`flat`)."""
         if self.columns:
@@ -237,11 +245,18 @@ class Problem(NamedTuple):
         return scalar_loss(self.config.loss_fn, self.layout.shapes, dtypes, self.layout.treedef)
 
     def step(
-        self, state: State, opt_state: PyTree, eta: State, batch: PyTree | None
+        self,
+        state: State,
+        opt_state: PyTree,
+        eta: State,
+        batch: PyTree | None,
+        grad: State | None = None,
     ) -> tuple[State, PyTree]:
         """One step: ``theta_l - eta_l * grad_l L(theta)`` for every entry ``l`` of the state
-        (``eta`` holds the step size of each entry), or the optax update (on the pytree)."""
-        _, grad = self.value_and_grad(state, batch)
+        (``eta`` holds the step size of each entry), or the optax update (on the pytree);
+        ``grad``: the gradient at ``state`` if already known (else taken here)."""
+        if grad is None:
+            _, grad = self.value_and_grad(state, batch)
         factory = self.config.optimizer
         if factory is None:
             return tuple(x - e * g for x, e, g in zip(state, eta, grad)), opt_state
@@ -250,6 +265,27 @@ class Problem(NamedTuple):
             self.layout.params(grad), opt_state, params
         )
         return tuple(jax.tree_util.tree_leaves(optax.apply_updates(params, updates))), opt_state
+
+    def pack(self, state: State) -> State:
+        """The state of ``m`` lanes as the step loop carries it: with ``config.pack_pairs``,
+        columns of one float32 or float64 dtype (``d > 1``) packed in pairs, ``x_0 + i x_1,
+        x_2 + i x_3, ...`` (complex, exact; an odd last column as it is), else as it is.
+        XLA:CPU writes each output array of a fused step in a loop of its own that recomputes
+        the step: ``d = 2`` columns in one complex array are stepped by one loop."""
+        dtypes = {jnp.dtype(x.dtype) for x in state}
+        pairs = self.config.pack_pairs and self.layout.columns and len(state) > 1
+        if not (pairs and len(dtypes) == 1 and dtypes <= _PAIRED_DTYPES):
+            return state
+        packed = tuple(jax.lax.complex(a, b) for a, b in zip(state[::2], state[1::2]))
+        return packed + state[len(packed) * 2 :]
+
+    def unpack(self, packed: State) -> State:
+        """The state of :meth:`pack` (complex entries are packed pairs: the parameters of a
+        sweep are real)."""
+        columns = []
+        for z in packed:
+            columns += [jnp.real(z), jnp.imag(z)] if jnp.iscomplexobj(z) else [z]
+        return tuple(columns)
 
     def init_optimizer(self, state: State, eta: State) -> PyTree:
         if self.config.optimizer is None:
@@ -298,10 +334,11 @@ class Problem(NamedTuple):
 
     def evaluate(
         self, state: State, eta: State, check_eta: Float[Array, ""]
-    ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Bool[Array, ""]]:
-        """Full-batch loss, gradient norm ``||grad L||_2``, step norm and bound check (the
-        gradient like a step's: forward mode for the columns, reverse mode for the leaves;
-        the norm over the flat gradient, in ``ravel_pytree`` order).
+    ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Bool[Array, ""], State]:
+        """Full-batch loss, gradient norm ``||grad L||_2``, step norm, bound check and the
+        gradient itself, like the state (taken like a step's: forward mode for the columns,
+        reverse mode for the leaves; the norm over the flat gradient, in ``ravel_pytree``
+        order).
 
         The step norm is the length of the next plain GD step: ``eta ||grad L||`` for one step
         size (``check_eta``), ``sqrt(sum_l eta_l^2 ||grad_l L||^2)`` with one per leaf."""
@@ -309,14 +346,22 @@ class Problem(NamedTuple):
             loss, grad_entries = self.value_and_grad(state)
         else:  # reverse mode on the leaves, like a step
             loss, grad_entries = self.full_batch_value_and_grad(self.loss, state)
-        grad = self.layout.flat(grad_entries)
-        grad_norm = jnp.sqrt(sum_last_axis(jnp.square(grad)))
+        grad_norm = jnp.sqrt(self.layout.sum_of_squares(grad_entries))
         if self.config.per_leaf_etas:
-            scaled = self.flat_etas(eta) * grad
+            scaled = self.flat_etas(eta) * self.layout.flat(grad_entries)
             step_norm = jnp.sqrt(sum_last_axis(jnp.square(scaled)))
         else:
             step_norm = check_eta * grad_norm
-        return loss, grad_norm, step_norm, self.within_bound(state)
+        return loss, grad_norm, step_norm, self.within_bound(state), grad_entries
+
+    @property
+    def keeps_gradient(self) -> bool:
+        """Whether the lanes keep the full-batch gradient of their evaluation for the next
+        step: the leaves of full-batch plain GD, where a gradient is the cost of a step and
+        the first step after an evaluation time would take it again. (Not with an optax
+        optimiser: the kept gradient may differ from the step's in the last bit, XLA fusing
+        it with other operations, and an adaptive update such as Adam's amplifies that.)"""
+        return not self.layout.columns and self.data is None and self.config.optimizer is None
 
     def hessian_matvec(
         self, state: State

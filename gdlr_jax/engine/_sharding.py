@@ -15,16 +15,16 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from gdlr_jax.engine._divergence import pinpoint_divergence
 from gdlr_jax.engine._evaluation import (
-    classify_final_window,
     fill_recordings,
     final_sharpness,
+    final_values,
     record,
     record_sharpness,
 )
 from gdlr_jax.engine._lanes import RUNNING, LaneResults, StepSizes, select, start_lanes
 from gdlr_jax.engine._lyapunov import lyapunov_exponents
 from gdlr_jax.engine._problem import EngineConfig, Layout, Problem, uses_columns
-from gdlr_jax.engine._stepping import run_phase
+from gdlr_jax.engine._stepping import final_window, run_phase
 from gdlr_jax.engine._trajectory_status import TrajectoryStatus
 from gdlr_jax.problems._pytree import PyTree
 
@@ -49,8 +49,8 @@ def run_lanes(
     step_sizes = StepSizes.of(etas, problem)
     start = layout.state_of(params)
     lanes = start_lanes(problem, start, step_sizes)
-    lanes = record(config, lanes, jnp.int32(0), lanes.final_loss, lanes.final_step_norm)
-    lanes = record_sharpness(problem, lanes, jnp.int32(0))
+    lanes = record(config, lanes, start, jnp.int32(0), lanes.final_loss, lanes.final_step_norm)
+    lanes = record_sharpness(problem, lanes, start, jnp.int32(0))
     window = config.window
     window_start = config.steps - window
     # with lyapunov_steps, the iterates at steps - lyapunov_steps (an evaluation time) are kept
@@ -67,23 +67,17 @@ def run_lanes(
         t, lanes, _ = run_phase(
             problem, lanes, jnp.int32(0), window_start, None, step_sizes, keys
         )
-    m, d = step_sizes.check.shape[0], sum(layout.sizes)
-    history = jnp.zeros((window, m, d), jax.tree_util.tree_leaves(params)[0].dtype)
-    if lyapunov_start is not None and lyapunov_start > window_start:
-        t, lanes, history = run_phase(
-            problem, lanes, t, lyapunov_start, history, step_sizes, keys
-        )
+    if lyapunov_start == window_start:
         snapshot = lanes.state
-    elif lyapunov_start == window_start:
-        snapshot = lanes.state
-    _, lanes, history = run_phase(
-        problem, lanes, t, config.steps, history, step_sizes, keys
+    inside = lyapunov_start if (lyapunov_start or 0) > window_start else None
+    lanes, period, mean_step, window_snapshot = final_window(
+        problem, lanes, t, step_sizes, keys, inside
     )
-
+    snapshot = snapshot if inside is None else window_snapshot
+    still_running = (lanes.status == RUNNING) | (period > 0)
     diverged_at_start = (lanes.status == TrajectoryStatus.DIVERGED) & (lanes.detected_at == 0)
     lanes = lanes._replace(state=select(diverged_at_start, start, lanes.state))
-    still_running = lanes.status == RUNNING
-    lanes, period, mean_step = classify_final_window(problem, lanes, history)
+    lanes = final_values(problem, lanes, step_sizes)
     lanes = pinpoint_divergence(problem, lanes, step_sizes, keys)
     exponent = None
     if config.lyapunov_steps:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -139,16 +140,26 @@ def _is_int(value: Any) -> bool:
 _UNROLL_LIMIT = 32
 
 
+def _balanced(parts: list[Array], pairwise) -> Array:
+    while len(parts) > 1:  # a balanced tree: short dependency chains
+        parts = [pairwise(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
+            [parts[-1]] if len(parts) % 2 else []
+        )
+    return parts[0]
+
+
 def _reduce_last_axis(x: Float[Array, "... k"], pairwise, full) -> Float[Array, "..."]:
     k = x.shape[-1]
     if k <= _UNROLL_LIMIT:
-        parts = [x[..., i] for i in range(k)]
-        while len(parts) > 1:  # a balanced tree: short dependency chains
-            parts = [pairwise(a, b) for a, b in zip(parts[::2], parts[1::2])] + (
-                [parts[-1]] if len(parts) % 2 else []
-            )
-        return parts[0]
+        return _balanced([x[..., i] for i in range(k)], pairwise)
     return full(x, axis=-1)
+
+
+def reduce_row(row: Sequence[Array], pairwise, full) -> Array:
+    """Reduces a flat vector given as its entries (scalars, or vectors along their last axis):
+    the same tree as :func:`_reduce_last_axis` of their concatenation when they are scalars."""
+    parts = [x if x.ndim == 0 else _reduce_last_axis(x, pairwise, full) for x in row]
+    return _balanced(parts, pairwise)
 
 
 def sum_last_axis(x: Float[Array, "... k"]) -> Float[Array, "..."]:
@@ -221,8 +232,7 @@ def classify_evaluation(
 
 
 def orbit_summary(
-    history: Float[Array, "w d"],
-    final: Float[Array, " d"],
+    rows: Sequence[Float[Array, " d"] | Sequence[Float[Array, "..."]]],
     max_period: int,
     period_tol: float,
 ) -> tuple[Int[Array, ""], Float[Array, ""]]:
@@ -244,27 +254,37 @@ def orbit_summary(
     then vectorises across trajectories even when ``d`` is tiny.
 
     Args:
-        history: the ``W`` iterates before the final one, ``(W, d)``, ``W >= 2 * max_period``.
-        final: the final iterate ``(d,)``.
+        rows: the last ``W + 1`` iterates ``theta_0, ..., theta_W``, ``W >= 2 * max_period``:
+            each a flat vector ``(d,)``, or its entries (a sequence of scalars, or of flat
+            vectors, as the engine's columns and leaves store it).
         max_period: largest period looked for.
         period_tol: relative tolerance of the lag comparison.
 
     Returns:
         ``(period, asymptotic_step_norm)``, scalars.
     """
-    window = history.shape[0]
-    rows = [history[j] for j in range(window)] + [final]
+    rows = [tuple(row) if isinstance(row, (tuple, list)) else (row,) for row in rows]
+    window = len(rows) - 1
+
+    def norm_inf(row):
+        return reduce_row([jnp.abs(x) for x in row], jnp.maximum, jnp.max)
+
+    def difference(a, b):
+        return [x - y for x, y in zip(a, b)]
+
     step_norms = [
-        jnp.sqrt(sum_last_axis(jnp.square(rows[j + 1] - rows[j]))) for j in range(window)
+        jnp.sqrt(reduce_row([jnp.square(x) for x in difference(rows[j + 1], rows[j])],
+                             jnp.add, jnp.sum))
+        for j in range(window)
     ]
     mean_step = functools.reduce(jnp.add, step_norms) / window
-    scale = [1.0 + max_last_axis(jnp.abs(row)) for row in rows[window - max_period :]]
+    scale = [1.0 + norm_inf(row) for row in rows[window - max_period :]]
     period = jnp.int32(0)
     for p in range(max_period, 0, -1):  # ends with the smallest repeating lag
         lag_error = functools.reduce(
             jnp.maximum,
             [
-                max_last_axis(jnp.abs(rows[j] - rows[j - p])) / scale[j - window + max_period]
+                norm_inf(difference(rows[j], rows[j - p])) / scale[j - window + max_period]
                 for j in range(window - p, window + 1)
             ],
         )

@@ -248,7 +248,7 @@ def test_orbit_summary_finds_the_smallest_period_and_mean_step():
     iterates = jnp.asarray(np.concatenate([cycle] * 6)[:17])  # W = 16 steps
 
     def summary(iterates, max_period):
-        return orbit_summary(iterates[:-1], iterates[-1], max_period, 1e-9)
+        return orbit_summary(list(iterates), max_period, 1e-9)
 
     period, mean_step = summary(iterates, 8)
     assert period == 3
@@ -260,6 +260,13 @@ def test_orbit_summary_finds_the_smallest_period_and_mean_step():
     # only the last p + 1 iterates are compared at lag p
     assert summary(iterates.at[2].add(1e-3), 8)[0] == 3
     assert summary(iterates.at[14].add(1e-3), 8)[0] == 0
+    # rows given as their entries (the engine's columns) give the same numbers, bit for bit
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.normal(size=(17, 3)))
+    for p in (2, 8):
+        flat = orbit_summary(list(rows), p, 1e-2)
+        entries = orbit_summary([tuple(row) for row in rows], p, 1e-2)
+        assert [float(x) for x in flat] == [float(x) for x in entries]
 
 
 def test_without_min_loss_value_every_critical_point_counts_as_minimum():

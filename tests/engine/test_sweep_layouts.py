@@ -13,7 +13,7 @@ import pytest
 
 import gdlr_jax
 from gdlr_jax import TrajectoryStatus
-from gdlr_jax.engine import _problem
+from gdlr_jax.engine import _problem, _stepping
 from gdlr_jax.engine._sharding import run_sharded
 
 S = TrajectoryStatus
@@ -94,6 +94,68 @@ def test_forward_and_reverse_mode_give_the_same_statuses(monkeypatch):
     reverse = sweep64(chain_again, inits, etas, steps=300)
     assert_same_trajectories(forward, reverse, rtol=1e-12)
     assert np.all(forward.status == S.CONVERGED_MINIMUM)
+
+
+@pytest.mark.slow
+def test_the_written_out_window_classifies_like_the_history(monkeypatch):
+    """The final window of the columns is written out step by step, that of the leaves (and
+    of a long window) is a history filled in a loop: with evaluation times inside the window
+    (recordings every 3 steps, the Lyapunov steps starting inside it) both give the same
+    statuses, periods, recordings and exponents (the columns bit for bit, but for the last
+    bit of a mean step length; the leaves to rounding: their gradients are associated
+    differently)."""
+    etas = np.array([0.4, 1.05, 1.9])  # converging, period 2, diverging
+    kwargs = dict(steps=200, record_every=3, lyapunov=True, lyapunov_steps=10)
+    inits = np.concatenate([INITS, [[1.3, 0.6], [0.9, 1.2]]])
+    columns = sweep64(two_neuron, inits, etas, **kwargs)
+
+    def two_neuron_again(theta):  # a new function object: a new compilation
+        return two_neuron(theta)
+
+    def two_neuron_once_more(theta):
+        return two_neuron(theta)
+
+    monkeypatch.setattr(_stepping, "WINDOW_WRITTEN_OUT", 0)  # the columns with a history
+    history = sweep64(two_neuron_again, inits, etas, **kwargs)
+    assert_same_trajectories(columns, history)
+    for name in ("recorded_loss", "lyapunov_exponent"):
+        np.testing.assert_array_equal(getattr(columns, name), getattr(history, name))
+    # the same iterates; the mean step length is summed in another XLA fusion (a last bit)
+    np.testing.assert_allclose(columns.asymptotic_step_norm, history.asymptotic_step_norm,
+                               rtol=1e-15)  # fmt: skip
+    monkeypatch.setattr(_problem, "FORWARD_MODE_MAX_PARAMS", 1)
+    leaves = sweep64(two_neuron_once_more, inits, etas, **kwargs)
+    assert_same_trajectories(columns, leaves, rtol=1e-12)
+    assert {S.CONVERGED_MINIMUM, S.PERIODIC, S.DIVERGED} <= set(columns.status.ravel())
+    np.testing.assert_allclose(columns.recorded_loss, leaves.recorded_loss, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(columns.lyapunov_exponent, leaves.lyapunov_exponent, atol=1e-9)
+    np.testing.assert_allclose(
+        columns.asymptotic_step_norm, leaves.asymptotic_step_norm, rtol=1e-9
+    )
+
+
+def test_the_leaves_take_the_gradient_of_an_evaluation_like_a_plain_loop():
+    """The leaves keep the gradient of each evaluation for the next step: the iterates are
+    those of a plain ``vmap`` of a GD loop."""
+    def loss(params):  # 6 scalars: the leaves layout
+        return 0.5 * jnp.sum((params["w"] * params["v"] - 1.0) ** 2) + 0.1 * jnp.sum(params["w"])
+
+    rng = np.random.default_rng(1)
+    params0 = {"w": rng.uniform(0.5, 1.5, (5, 3)), "v": rng.uniform(0.5, 1.5, (5, 3))}
+    steps, eta = 70, 0.3
+    r = gdlr_jax.sweep(loss, params0, [eta], steps=steps, check_every=8,
+                       criteria=gdlr_jax.ConvergenceCriteria(grad_tol=0.0, step_tol=0.0))  # fmt: skip
+
+    def run(params):
+        return jax.lax.fori_loop(
+            0, steps, lambda _, p: jax.tree.map(lambda x, g: x - eta * g, p, jax.grad(loss)(p)),
+            params,
+        )
+
+    expected = jax.jit(jax.vmap(run))(jax.tree.map(jnp.float32, params0))
+    for name in ("w", "v"):
+        np.testing.assert_allclose(r.final_params[name][0], expected[name], rtol=1e-6)
+    assert np.all(r.steps_taken == steps)
 
 
 def python_loop(grad, params, etas, steps, bound):
