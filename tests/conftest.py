@@ -12,6 +12,9 @@
   its end; shared by pytest-xdist workers and by the ``gdlr`` processes the tests start,
   through ``JAX_COMPILATION_CACHE_DIR``): tests build fresh closures of the same programs,
   which then compile once. Set ``GDLR_TESTS_XLA_CACHE=0`` to compile everything afresh.
+* After a test, the compiled programs are freed once the process holds half the kernel's
+  limit of memory mappings (XLA:CPU's programs hold ~250 each; past the limit a compile
+  segfaults).
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ def pytest_configure(config: pytest.Config) -> None:
             "quick", parent=settings(), max_examples=strategies.QUICK_EXAMPLES
         )
         settings.load_profile("quick")
+
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Frees the compiled programs once this process holds half the kernel's memory
+    mappings: the suite compiles thousands of programs in one process, and XLA:CPU would
+    otherwise crash in a compile past ``vm.max_map_count`` (``engine/_memory.py``)."""
+    from gdlr_jax.engine._memory import release_compiled_programs
+
+    release_compiled_programs(0.5, warn=False)
+
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,10 @@ in ``docs/engine.md``)."""
 
 from __future__ import annotations
 
+import gc
 import math
+import pathlib
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -128,6 +131,51 @@ def host_available_bytes() -> int | None:
         return int(psutil.virtual_memory().available)
     except (OSError, RuntimeError, NotImplementedError):
         return None
+
+
+#: Above this share of the kernel's limit on a process's memory mappings, the compiled programs
+#: JAX keeps are released before a sweep compiles another (:func:`release_compiled_programs`).
+MAPPINGS_SHARE = 0.75
+
+
+def memory_mappings() -> tuple[int, int] | None:
+    """``(held, limit)``: the memory mappings this process holds (lines of
+    ``/proc/self/maps``) and the kernel's limit ``vm.max_map_count``; ``None`` off Linux.
+
+    XLA:CPU places each compiled program's kernels in mappings of their own (code, constants,
+    data: ~250 for one sweep's program), and JAX keeps up to 8192 programs alive; a process
+    that compiles a few hundred sweeps reaches the default limit of 65530, and the next
+    compile fails inside LLVM ("Cannot allocate memory") with a segmentation fault."""
+    try:
+        limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps", "rb") as maps:
+            held = sum(1 for _ in maps)
+    except (OSError, ValueError):
+        return None
+    return held, limit
+
+
+def release_compiled_programs(share: float = MAPPINGS_SHARE, *, warn: bool = True) -> bool:
+    """Frees JAX's compiled programs (``jax.clear_caches()``) when this process holds more
+    than ``share`` of the kernel's memory mappings (:func:`memory_mappings`): what is
+    compiled again costs a compile, where the next compile would crash the process. Returns
+    whether it released them; warns that it did unless ``warn`` is false."""
+    mappings = memory_mappings()
+    if mappings is None or mappings[0] <= share * mappings[1]:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    if warn:
+        after = memory_mappings()
+        warnings.warn(
+            f"gdlr_jax: this process held {mappings[0]} of the kernel's {mappings[1]} memory "
+            f"mappings (vm.max_map_count), mostly XLA's compiled programs; released them with "
+            f"jax.clear_caches() ({after[0] if after else '?'} held now) so that the next "
+            "compile does not crash. Raise vm.max_map_count to keep them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
 
 
 def allocatable_bytes(device: jax.Device) -> int | None:

@@ -21,6 +21,7 @@ from gdlr_jax.engine._memory import (
     check_host_memory,
     default_memory_budget,
     host_available_bytes,
+    release_compiled_programs,
     result_bytes_per_trajectory,
     tree_bytes,
 )
@@ -397,6 +398,7 @@ def plan_sweep(
         not on_host or limit is None or peak + chunk_bytes <= limit
     )
     check_grid_size(total // n_init, n_init)  # after the memory checks, which name keys
+    release_compiled_programs()  # before this sweep compiles one more program
     mesh = Mesh(np.array(devices), (LANES,))
     return SweepPlan(
         config,

@@ -190,3 +190,46 @@ def test_host_available_bytes_is_psutils_available_memory(monkeypatch):
 
     monkeypatch.setattr(psutil, "virtual_memory", unsupported)
     assert _memory.host_available_bytes() is None  # unknown: the checks are skipped
+
+
+# ----- memory mappings of compiled programs -------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc only")
+def test_memory_mappings_count_this_process_and_the_kernels_limit():
+    from gdlr_jax.engine import _memory
+
+    held, limit = _memory.memory_mappings()
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert limit == int(f.read())
+    assert 0 < held < limit
+    fresh = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.cumsum(x))
+    fresh(jnp.arange(7.0)).block_until_ready()  # compiling maps the program's kernels
+    assert _memory.memory_mappings()[0] > held
+
+
+def test_compiled_programs_are_released_near_the_limit_and_only_there(monkeypatch):
+    from gdlr_jax.engine import _memory
+
+    f = jax.jit(lambda x: x * 2.0)
+    f(jnp.ones(3))
+    assert f._cache_size() == 1
+    monkeypatch.setattr(_memory, "memory_mappings", lambda: (700, 1000))
+    assert not _memory.release_compiled_programs(0.75)
+    assert f._cache_size() == 1  # below the share: kept
+    monkeypatch.setattr(_memory, "memory_mappings", lambda: (800, 1000))
+    with pytest.warns(RuntimeWarning, match=r"800 of the kernel's 1000 memory mappings"):
+        assert _memory.release_compiled_programs(0.75)
+    assert f._cache_size() == 0  # released: the next call compiles again
+    monkeypatch.setattr(_memory, "memory_mappings", lambda: None)  # not Linux: nothing to do
+    assert not _memory.release_compiled_programs(0.0)
+
+
+def test_a_sweep_near_the_mapping_limit_releases_before_it_compiles_and_runs(monkeypatch):
+    from gdlr_jax.engine import _memory
+
+    grid = [np.full((4, 1, 1), 0.5, np.float32), np.full((4, 1, 1), 1.5, np.float32)]
+    before = gdlr_jax.sweep(LOSS, grid, ETAS, steps=30)
+    monkeypatch.setattr(_memory, "memory_mappings", lambda: (60000, 65530))
+    with pytest.warns(RuntimeWarning, match="vm.max_map_count"):
+        after = gdlr_jax.sweep(LOSS, grid, ETAS, steps=30)
+    np.testing.assert_array_equal(after.status, before.status)
+    np.testing.assert_array_equal(after.final_loss, before.final_loss)
