@@ -29,7 +29,10 @@ def pinpoint_divergence(
     the step of the main loop (:meth:`Problem.step`, the same operations), so the replay
     retraces the same iterates bit for bit. Only the diverged lanes are replayed: they are
     packed into blocks of up to ``REPLAY_BLOCK`` lanes, so the cost is proportional to their
-    number; a block's padding slots write nowhere.
+    number; a block's padding slots write nowhere. Like the main loop, each iteration of the replay's
+    loop takes ``step_block`` checked steps (a lane that has stopped keeps its iterate): one
+    test of the loop's condition, and one round of its dozen small kernels and buffer copies,
+    for all of them; the same unrolling, so that XLA fuses the steps alike.
     """
     config = problem.config
     m = etas.check.shape[0]
@@ -43,24 +46,30 @@ def pinpoint_divergence(
             _, _, t, alive = carry
             return alive & (t < stop)
 
-        def step(carry):
-            state, opt_state, t, _ = carry
+        def checked_step(carry):  # a no-op once the lane has stopped
+            state, opt_state, t, alive = carry
             batch = None
             if problem.data is not None:
                 source = Minibatches(problem.data, config.batch_size)
                 batch = minibatch(source, epoch_permutation(source, key, t), t)
             new_state, new_opt_state = problem.step(state, opt_state, eta, batch)
+            going = running(carry)
             inside = problem.within_bound(new_state)
-            keep = functools.partial(jnp.where, inside)
+            keep = functools.partial(jnp.where, going & inside)
             return (
                 tuple(map(keep, new_state, state)),
                 jax.tree_util.tree_map(keep, new_opt_state, opt_state),
-                t + inside.astype(t.dtype),
-                inside,
+                t + (going & inside).astype(t.dtype),
+                alive & ~(going & ~inside),
             )
 
+        def steps(carry):  # step_block checked steps: one loop condition for all of them
+            for _ in range(config.step_block):
+                carry = checked_step(carry)
+            return carry
+
         state, opt_state, t, _ = lax.while_loop(
-            running, step, (state, opt_state, start, jnp.bool_(True))
+            running, steps, (state, opt_state, start, jnp.bool_(True))
         )
         loss, grad_norm, step_norm, _, _ = problem.evaluate(state, eta, check_eta)
         return state, opt_state, t, loss, grad_norm, step_norm

@@ -112,18 +112,20 @@ def test_divergence_is_stopped_at_the_exact_step():
     assert not np.max(np.abs(after)) <= bound
 
 
+@pytest.mark.parametrize("step_block", [None, 3])
 @pytest.mark.parametrize(
     "chunk_size", [1, *(pytest.param(n, marks=pytest.mark.slow) for n in (2, 3, 5, 8))]
 )
-def test_every_diverged_trajectory_of_a_chunk_is_pinpointed(chunk_size):
+def test_every_diverged_trajectory_of_a_chunk_is_pinpointed(chunk_size, step_block):
     """Regression: with fewer diverged lanes than lanes in a chunk, the replay of lane 0 was
     overwritten by the padding of its block (a duplicate scatter index), leaving it at its
-    rollback point. Every chunking must stop each trajectory at its exact step."""
+    rollback point. Every chunking must stop each trajectory at its exact step, also where the
+    replay's unrolled block of ``step_block`` checked steps ends past it."""
     inits = np.array([[3.0, 2.5], [2.0, 2.1], [0.5, 1.5], [4.0, 1.0], [1.2, 1.1], [5.0, 4.0]])
     etas = np.array([1.5, 0.9])
     r = gdlr_jax.sweep(
         two_neuron, inits, etas, steps=64, min_loss_value=0.0, dtype=jnp.float64,
-        chunk_size=chunk_size, check_every=16,
+        chunk_size=chunk_size, check_every=16, step_block=step_block,
     )
     bound = ConvergenceCriteria().divergence_bound
     diverged = np.argwhere(r.status == S.DIVERGED)
