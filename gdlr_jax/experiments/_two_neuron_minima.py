@@ -123,7 +123,9 @@ _ETA_BLOCK = 32  # step sizes per block of weakly_stable_length (bounds its memo
 def _lengths(profile: MinimaProfile, etas: np.ndarray) -> np.ndarray:
     etas = etas[:, None, None]
     a, b = profile.thresholds[None, :, :-1], profile.thresholds[None, :, 1:]
-    ds = np.diff(profile.arclength, axis=1)[None]
+    # each segment's own length: differences of the cumulated arclength lose the short
+    # segments near xy = (1, 1) beside the e^log_extent of the far end (all of them past ~30)
+    ds = np.hypot(*np.moveaxis(np.diff(profile.xy, axis=1), -1, 0))[None]
     above_a, above_b = a > etas, b > etas
     with np.errstate(divide="ignore", invalid="ignore"):
         crossing = np.clip((etas - a) / (b - a), 0.0, 1.0)  # where the segment meets eta

@@ -138,9 +138,11 @@ SCHEMA = _skeleton.schema(
                 ),
                 "log_extent": Scalar(
                     float,
-                    "each branch is x = +-e^t, y = +-e^-t with |t| <= log_extent",
+                    "each branch is x = +-e^t, y = +-e^-t with |t| <= log_extent (at most "
+                    "350: the curvature x^2 + y^2 = e^(2t) overflows float64 past ~354.9)",
                     4.0,
                     gt=0.0,
+                    le=350.0,
                 ),
                 "points": Scalar(int, "points per branch", 8001, ge=3),
                 "reference_eta": _eta(0.1, "lengths are normalised by |M_WS(reference_eta)|"),

@@ -74,6 +74,19 @@ def test_mws_length_from_curvature_matches_the_closed_form(profile):
     assert ours[1] == pytest.approx(14.4698, abs=1e-4)  # |M_WS(0.1)|, both branches
 
 
+@pytest.mark.parametrize("extent", [32.0, 350.0])
+def test_mws_length_does_not_depend_on_how_far_the_branches_reach(extent):
+    """Regression: the segments were differences of the arclength cumulated from the far end
+    of a branch (~e^extent), which past log_extent ~30 rounded the short segments near
+    (1, 1) to 0: |M_WS| came out 0. The same spacing of the points must give the same length."""
+    near = weakly_stable_length(minima_profile(log_extent=4.0, points=201), [0.1, 0.5])
+    far = weakly_stable_length(
+        minima_profile(log_extent=extent, points=int(50 * extent) + 1), [0.1, 0.5]
+    )
+    np.testing.assert_allclose(far, near, rtol=1e-9)
+    assert near[0] == pytest.approx(14.4698, rel=1e-3)
+
+
 def test_mws_length_criteria_and_branches():
     both = minima_profile(points=1001)
     paper = minima_profile(points=1001, criterion="lambda_min_nonzero")
@@ -218,6 +231,18 @@ def test_too_short_branch_is_a_config_error_and_leaves_nothing(tmp_path):
     ):
         run_config(config, out=tmp_path / "run", progress=False, stream=io.StringIO())
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extent", ["351", "800"])
+def test_a_branch_whose_curvature_overflows_is_refused_by_the_schema(extent):
+    """Regression: past ~354.9 the curvature e^(2t) at the branch's ends overflowed float64,
+    and the check of the extent then called the branch too *short*."""
+    with pytest.raises(
+        ConfigError,
+        match=rf"'weak_stability.log_extent' has value {extent}; allowed: a finite number > 0 "
+        r"and <= 350",
+    ):
+        load_config(REPO / "configs" / "two_neuron.yaml", [f"weak_stability.log_extent={extent}"])
 
 
 # ----- what the figures show ------------------------------------------------------------------
