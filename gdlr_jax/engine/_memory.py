@@ -41,8 +41,8 @@ def bytes_per_trajectory(
     history, the recordings and, with per-initialisation batches, a shuffle and a batch,
     with sharpness tracking the Lanczos basis, and with the Lyapunov exponent the snapshot at
     ``steps - lyapunov_steps``, the tangent replay (iterate, tangent, their JVP: about four
-    copies) and the Lanczos basis of the fixed points. Activations of ``loss_fn`` are not counted: lower the budget for large
-    models.
+    copies) and the Lanczos basis of the fixed points. Activations of ``loss_fn`` are not
+    counted: lower the budget for large models.
     """
     single = one_trajectory(params)
     param_bytes = tree_bytes(single)

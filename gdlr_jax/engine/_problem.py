@@ -46,10 +46,10 @@ OptimizerFactory = Callable[..., optax.GradientTransformation]
 State = tuple  # the parameters of one lane (or of m lanes, each entry with a lane axis first)
 
 # Plain GD of models with at most this many scalar parameters keeps one column per scalar
-# (and takes forward-mode gradients for array leaves): d JVPs cost about d evaluations of the loss, against ~3
-# for reverse mode. Measured on scalar chains (benchmarks/bench_sweep.py --layouts,
-# docs/benchmarks.md): forward mode took 0.68x the time of reverse mode at d = 2, 0.44x at
-# d = 4, 1.6x at d = 8 and 3.3x at d = 16.
+# (and takes forward-mode gradients for array leaves): d JVPs cost about d evaluations of the
+# loss, against ~3 for reverse mode. Measured on scalar chains (benchmarks/bench_sweep.py
+# --layouts, docs/benchmarks.md): forward mode took 0.68x the time of reverse mode at d = 2,
+# 0.44x at d = 4, 1.6x at d = 8 and 3.3x at d = 16.
 FORWARD_MODE_MAX_PARAMS = 4
 SHARPNESS_ITERATIONS = 20  # default Lanczos steps per sharpness measurement (at most d)
 # default final steps of the Lyapunov exponent (at least the window, at most steps): its

@@ -31,8 +31,9 @@ WINDOW_WRITTEN_OUT = 64
 
 class _Stepper(NamedTuple):
     """One step of every lane at time ``t``: ``step(t, (state, opt_state, permutation),
-    grad=None)`` (``grad``: the lanes' gradient if known), on the state as the loop carries it (``into_loop`` of the packed state, :meth:`Problem.pack`;
-    ``out_of_loop`` back), and ``first_permutation(t0)`` of the minibatches (``None`` without)."""
+    grad=None)`` (``grad``: the lanes' gradient if known), on the state as the loop carries it
+    (``into_loop`` of the packed state, :meth:`Problem.pack`; ``out_of_loop`` back), and
+    ``first_permutation(t0)`` of the minibatches (``None`` without)."""
 
     step: Callable[[Int[Array, ""], tuple], tuple]
     into_loop: Callable[[State], State | Array]
