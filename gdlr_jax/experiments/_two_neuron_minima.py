@@ -91,9 +91,15 @@ def minima_profile(
             np.asarray(x).ravel(), np.asarray(y).ravel(), criterion
         )
         xy = np.stack([np.asarray(x), np.asarray(y)], axis=-1)
-    segment = np.hypot(*np.moveaxis(np.diff(xy, axis=1), -1, 0))
-    arclength = np.concatenate([np.zeros((xy.shape[0], 1)), np.cumsum(segment, axis=1)], axis=1)
+    arclength = np.concatenate(
+        [np.zeros((xy.shape[0], 1)), np.cumsum(_segments(xy), axis=1)], axis=1
+    )
     return MinimaProfile(xy, arclength, thresholds.reshape(x.shape))
+
+
+def _segments(xy: Float[np.ndarray, "branches points 2"]) -> Float[np.ndarray, "branches segments"]:
+    """Lengths of the segments between consecutive points of each branch."""
+    return np.hypot(*np.moveaxis(np.diff(xy, axis=1), -1, 0))
 
 
 def weakly_stable_length(profile: MinimaProfile, etas: ArrayLike) -> Float[np.ndarray, " k"]:
@@ -125,7 +131,7 @@ def _lengths(profile: MinimaProfile, etas: np.ndarray) -> np.ndarray:
     a, b = profile.thresholds[None, :, :-1], profile.thresholds[None, :, 1:]
     # each segment's own length: differences of the cumulated arclength lose the short
     # segments near xy = (1, 1) beside the e^log_extent of the far end (all of them past ~30)
-    ds = np.hypot(*np.moveaxis(np.diff(profile.xy, axis=1), -1, 0))[None]
+    ds = _segments(profile.xy)[None]
     above_a, above_b = a > etas, b > etas
     with np.errstate(divide="ignore", invalid="ignore"):
         crossing = np.clip((etas - a) / (b - a), 0.0, 1.0)  # where the segment meets eta
