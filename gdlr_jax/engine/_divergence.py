@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import PRNGKeyArray
 
-from gdlr_jax.engine._lanes import Lanes, StepSizes, pack, packed_block
+from gdlr_jax.engine._lanes import Lanes, StepSizes, any_lane, pack, packed_block
 from gdlr_jax.engine._minibatches import Minibatches, epoch_permutation, minibatch
 from gdlr_jax.engine._problem import Problem
 from gdlr_jax.engine._trajectory_status import TrajectoryStatus
@@ -42,25 +42,28 @@ def pinpoint_divergence(
     )
 
     def replay(state, opt_state, eta, check_eta, start, stop, key):
+        # the time and whether the lane goes on in one number (the loop then writes two
+        # arrays, the packed state and this one, instead of one per column and two more):
+        # t while the lane goes on, -1 - t once it has stopped before leaving the bound
         def running(carry):
-            _, _, t, alive = carry
-            return alive & (t < stop)
+            _, _, clock = carry
+            return (clock >= 0) & (clock < stop)
 
         def checked_step(carry):  # a no-op once the lane has stopped
-            state, opt_state, t, alive = carry
+            packed, opt_state, clock = carry
+            state = problem.unpack(packed)
             batch = None
             if problem.data is not None:
                 source = Minibatches(problem.data, config.batch_size)
-                batch = minibatch(source, epoch_permutation(source, key, t), t)
+                batch = minibatch(source, epoch_permutation(source, key, clock), clock)
             new_state, new_opt_state = problem.step(state, opt_state, eta, batch)
             going = running(carry)
             inside = problem.within_bound(new_state)
             keep = functools.partial(jnp.where, going & inside)
             return (
-                tuple(map(keep, new_state, state)),
+                problem.pack(tuple(map(keep, new_state, state))),
                 jax.tree_util.tree_map(keep, new_opt_state, opt_state),
-                t + (going & inside).astype(t.dtype),
-                alive & ~(going & ~inside),
+                jnp.where(going, jnp.where(inside, clock + 1, -1 - clock), clock),
             )
 
         def steps(carry):  # step_block checked steps: one loop condition for all of them
@@ -68,9 +71,11 @@ def pinpoint_divergence(
                 carry = checked_step(carry)
             return carry
 
-        state, opt_state, t, _ = lax.while_loop(
-            running, steps, (state, opt_state, start, jnp.bool_(True))
+        packed, opt_state, clock = lax.while_loop(
+            running, steps, (problem.pack(state), opt_state, start)
         )
+        state = problem.unpack(packed)
+        t = jnp.where(clock < 0, -1 - clock, clock)
         loss, grad_norm, step_norm, _, _ = problem.evaluate(state, eta, check_eta)
         return state, opt_state, t, loss, grad_norm, step_norm
 
@@ -123,4 +128,4 @@ def pinpoint_divergence(
         return lanes
 
     # no lane pending (the common case): not even their packing (a cumulative sum) is paid
-    return lax.cond(jnp.any(pending), replay_all, lambda lanes: lanes, lanes)
+    return lax.cond(any_lane(pending), replay_all, lambda lanes: lanes, lanes)

@@ -19,7 +19,14 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from gdlr_jax.engine._lanes import RUNNING, Lanes, StepSizes, evaluate_lanes, select
+from gdlr_jax.engine._lanes import (
+    RUNNING,
+    Lanes,
+    StepSizes,
+    any_lane,
+    evaluate_lanes,
+    select,
+)
 from gdlr_jax.engine._problem import EngineConfig, Problem, State
 from gdlr_jax.engine._trajectory_status import (
     TrajectoryStatus,
@@ -133,22 +140,19 @@ def _findings(
     check, and which lanes converged, diverged or settled."""
     config = problem.config
     running = lanes.status == RUNNING
-    loss, grad_norm, step_norm, bounded, grad = evaluate_lanes(
-        problem, problem.unpack(state), etas
-    )
+    loss, grad_norm, step_norm, sound, grad = evaluate_lanes(problem, problem.unpack(state), etas)
     status, diverged_now, converged_now = classify_evaluation(
-        lanes.status, loss, grad_norm, bounded, etas.check, config.criteria, config.min_loss_value
+        lanes.status, loss, grad_norm, sound, etas.check, config.criteria, config.min_loss_value
     )
     alive = running & ~diverged_now
     settled = converged_now | (alive & (t1 == config.steps))
     rollback = diverged_now
     still_coasting = None
     if lanes.coasting is not None:
-        ok = bounded & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        still_coasting = lanes.coasting & ok
+        still_coasting = lanes.coasting & sound
         alive = alive | still_coasting
         settled = settled | still_coasting
-        rollback = rollback | (lanes.coasting & ~ok)
+        rollback = rollback | (lanes.coasting & ~sound)
     return _Findings(
         loss, grad_norm, step_norm, status, diverged_now, converged_now, alive, settled,
         rollback, still_coasting, grad,
@@ -163,7 +167,7 @@ def evaluate_and_freeze(
     etas: StepSizes,
     t0: Int[Array, ""],
     t1: Int[Array, ""],
-) -> Lanes:
+) -> tuple[Lanes, Bool[Array, ""]]:
     """Evaluates the lanes stepped from ``t0`` to ``t1`` and settles those that finished.
 
     ``lanes`` (at ``t0``) and ``state`` (at ``t1``) are packed (:meth:`Problem.pack`). A lane
@@ -179,10 +183,15 @@ def evaluate_and_freeze(
 
     At most evaluation times no lane settles: the running minimum of the loss, the rollback
     of diverged lanes and whether any lane settles are computed then, and the bookkeeping
-    only when some lane settles (``lax.cond``). For the columns the evaluation is done again
-    inside the ``cond`` (a few operations per lane): what XLA then computes at every
-    evaluation time is a few passes over the lanes, each fusing its own copy of the
+    only when some lane settles (``lax.cond``; the arrays written in it are few, since XLA
+    copies every array that passes through a branch). For the columns the evaluation is
+    done again inside the ``cond`` (a few operations per lane): what XLA then computes at
+    every evaluation time is a few passes over the lanes, each fusing its own copy of the
     evaluation, rather than every finding written out for the ``cond``.
+
+    Returns:
+        ``(lanes, stepping)``: the lanes at ``t1`` and whether some lane is still stepping,
+        given that some lane was stepping at ``t0`` (``True`` unless one settles).
     """
     config = problem.config
     found = _findings(problem, lanes, state, etas, t1)
@@ -214,9 +223,15 @@ def evaluate_and_freeze(
                 converged_at=jnp.where(now.converged_now, t1, lanes.converged_at),
                 coasting=now.still_coasting | now.converged_now,
             )
-        return out.freeze(problem, etas)
+        out = out.freeze(problem, etas)
+        return out, any_lane(out.stepping())
 
-    return lax.cond(jnp.any(found.rollback | found.settled), settle, lambda s: s, stepped)
+    return lax.cond(
+        any_lane(found.rollback | found.settled),
+        settle,
+        lambda stepped: (stepped, jnp.bool_(True)),
+        stepped,
+    )
 
 
 def classify_final_window(

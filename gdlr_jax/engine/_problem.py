@@ -335,8 +335,9 @@ class Problem(NamedTuple):
     def evaluate(
         self, state: State, eta: State, check_eta: Float[Array, ""]
     ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Bool[Array, ""], State]:
-        """Full-batch loss, gradient norm ``||grad L||_2``, step norm, bound check and the
-        gradient itself, like the state (taken like a step's: forward mode for the columns,
+        """Full-batch loss, gradient norm ``||grad L||_2``, step norm, whether the lane is
+        sound (inside the bound, with a finite loss and gradient) and the gradient itself,
+        like the state (taken like a step's: forward mode for the columns,
         reverse mode for the leaves; the norm over the flat gradient, in ``ravel_pytree``
         order).
 
@@ -346,13 +347,17 @@ class Problem(NamedTuple):
             loss, grad_entries = self.value_and_grad(state)
         else:  # reverse mode on the leaves, like a step
             loss, grad_entries = self.full_batch_value_and_grad(self.loss, state)
-        grad_norm = jnp.sqrt(self.layout.sum_of_squares(grad_entries))
+        squares = self.layout.sum_of_squares(grad_entries)
+        grad_norm = jnp.sqrt(squares)
         if self.config.per_leaf_etas:
             scaled = self.flat_etas(eta) * self.layout.flat(grad_entries)
             step_norm = jnp.sqrt(sum_last_axis(jnp.square(scaled)))
         else:
             step_norm = check_eta * grad_norm
-        return loss, grad_norm, step_norm, self.within_bound(state), grad_entries
+        # a finite gradient is a finite sum of squares: the tests that only ask whether a lane
+        # is sound need no square root (XLA then writes no gradient norm for them)
+        sound = self.within_bound(state) & jnp.isfinite(loss) & jnp.isfinite(squares)
+        return loss, grad_norm, step_norm, sound, grad_entries
 
     @property
     def keeps_gradient(self) -> bool:

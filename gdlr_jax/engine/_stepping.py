@@ -18,7 +18,7 @@ from gdlr_jax.engine._evaluation import (
     evaluate_and_freeze,
     next_evaluation,
 )
-from gdlr_jax.engine._lanes import Lanes, StepSizes
+from gdlr_jax.engine._lanes import Lanes, StepSizes, any_lane
 from gdlr_jax.engine._minibatches import Minibatches, epoch_permutation, minibatch
 from gdlr_jax.engine._problem import Problem, State
 from gdlr_jax.problems._pytree import PyTree
@@ -48,7 +48,7 @@ def _stepper(
     config = problem.config
     plain_gd = lanes.step_etas is not None
     running = lanes.stepping()
-    step_etas = lanes.step_etas if plain_gd else etas.step
+    step_etas = etas.per_entry(lanes.step_etas) if plain_gd else etas.step
 
     def lane_step(state, opt_state, eta, run, batch, grad):
         new_state, new_opt_state = problem.step(state, opt_state, eta, batch, grad)
@@ -186,18 +186,20 @@ def run_phase(
     steps and the evaluations."""
 
     def unfinished(carry):
-        t, lanes, _ = carry
-        return (t < stop) & jnp.any(lanes.stepping())
+        t, _, _, stepping = carry
+        return (t < stop) & stepping
 
     def between_evaluations(carry):
-        t0, lanes, history = carry
+        t0, lanes, history, _ = carry
         t1 = next_evaluation(problem.config, t0)
         state, opt_state, history = advance(problem, lanes, etas, keys, t0, t1, history)
-        lanes = evaluate_and_freeze(problem, lanes, state, opt_state, etas, t0, t1)
-        return t1, lanes, history
+        lanes, stepping = evaluate_and_freeze(problem, lanes, state, opt_state, etas, t0, t1)
+        return t1, lanes, history, stepping
 
     lanes = lanes._replace(state=problem.pack(lanes.state))
-    t, lanes, history = lax.while_loop(unfinished, between_evaluations, (t, lanes, history))
+    t, lanes, history, _ = lax.while_loop(
+        unfinished, between_evaluations, (t, lanes, history, any_lane(lanes.stepping()))
+    )
     return t, lanes._replace(state=problem.unpack(lanes.state)), history
 
 
@@ -257,7 +259,7 @@ def final_window(
                 rows.append(problem.unpack(stepper.out_of_loop(carry[0])))
                 carry = stepper.step(jnp.int32(t), carry)
             state = stepper.out_of_loop(carry[0])
-            lanes = evaluate_and_freeze(
+            lanes, _ = evaluate_and_freeze(
                 problem, lanes, state, carry[1], etas, jnp.int32(t0), jnp.int32(t1)
             )
             if t1 == snapshot_at:
@@ -272,5 +274,5 @@ def final_window(
             None if snapshot_at is None else lanes.state
         )
 
-    stepping = (t == start) & jnp.any(lanes.stepping())
+    stepping = (t == start) & any_lane(lanes.stepping())
     return lax.cond(stepping, unrolled, skipped, lanes)

@@ -184,7 +184,7 @@ def classify_evaluation(
     status: Int[Array, " n"],
     loss: Float[Array, " n"],
     grad_norm: Float[Array, " n"],
-    params_ok: Bool[Array, " n"],
+    sound: Bool[Array, " n"],
     etas: Float[Array, " n"],
     criteria: ConvergenceCriteria,
     min_loss_value: float | None,
@@ -197,7 +197,8 @@ def classify_evaluation(
         status: current status codes ``(n,)``.
         loss: full-batch loss at the current iterates ``(n,)``.
         grad_norm: ``||grad L||_2`` at the current iterates ``(n,)``.
-        params_ok: :func:`within_bound` of the current iterates ``(n,)``.
+        sound: whether the current iterates are :func:`within_bound` with a finite loss and
+            gradient ``(n,)`` (:meth:`~gdlr_jax.engine._problem.Problem.evaluate`).
         etas: step sizes ``(n,)``.
         criteria: the tolerances.
         min_loss_value: the known minimum value of the loss, or ``None``.
@@ -206,11 +207,10 @@ def classify_evaluation(
         ``(new_status, diverged_now, converged_now)``, each ``(n,)``.
     """
     running = status == TrajectoryStatus.NOT_CONVERGED
-    ok = params_ok & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    diverged_now = running & ~ok
+    diverged_now = running & ~sound
     converged_now = (
         running
-        & ok
+        & sound
         & (grad_norm <= criteria.grad_tol)
         & (etas * grad_norm <= criteria.step_tol)
     )

@@ -12,6 +12,7 @@ import pytest
 
 import gdlr_jax
 from gdlr_jax import ConvergenceCriteria, TrajectoryStatus
+from gdlr_jax.engine._lanes import any_lane
 from gdlr_jax.engine._minibatches import epoch_permutation, minibatch
 from gdlr_jax.engine._sharding import run_sharded
 from gdlr_jax.engine._trajectory_status import orbit_summary
@@ -110,6 +111,33 @@ def test_divergence_is_stopped_at_the_exact_step():
     assert np.max(np.abs(last)) <= bound
     after = gd_iterate(two_neuron, last, ETAS[i], 1, jnp.float64)
     assert not np.max(np.abs(after)) <= bound
+
+
+def test_a_finite_loss_with_an_infinite_gradient_is_diverged():
+    """A trajectory is sound when it is inside the bound with a finite loss and a finite
+    gradient, which the engine asks of the gradient's sum of squares (no square root):
+    ``sqrt(|x|)`` at 0 (and at 1e-30, whose gradient overflows float32) has a finite loss and
+    an infinite gradient, so it diverges at time 0; its ``min_loss`` is the loss it had."""
+    th = np.array([[0.0, 1.0], [0.5, 1.0], [1e-30, 1.0]], np.float32)
+    r = gdlr_jax.sweep(lambda t: jnp.sqrt(jnp.abs(t[0])) + 0.0 * t[1], th, [0.1], steps=50)
+    np.testing.assert_array_equal(r.status[0], [S.DIVERGED, S.NOT_CONVERGED, S.DIVERGED])
+    np.testing.assert_array_equal(r.steps_taken[0], [0, 50, 0])
+    assert r.min_loss[0, 0] == 0.0 and np.isclose(r.min_loss[0, 2], 1e-15)
+    assert np.isinf(r.final_grad_norm[0, 0])
+
+
+@pytest.mark.parametrize("m", [1, 2, 65536])
+def test_any_lane_is_any(m):
+    """``any_lane`` (a largest ``uint8``, one pass on XLA:CPU) is ``jnp.any``: no lane, one
+    lane anywhere, several."""
+    rng = np.random.default_rng(m)
+    masks = [np.zeros(m, bool), np.ones(m, bool), rng.random(m) < 0.5]
+    for i in {0, m // 2, m - 1}:
+        one = np.zeros(m, bool)
+        one[i] = True
+        masks.append(one)
+    for mask in masks:
+        assert bool(jax.jit(any_lane)(jnp.asarray(mask))) == bool(mask.any())
 
 
 @pytest.mark.parametrize("step_block", [None, 3])
