@@ -31,8 +31,9 @@ def pinpoint_divergence(
     packed into blocks of up to ``REPLAY_BLOCK`` lanes, so the cost is proportional to their
     number; a block's padding slots write nowhere. Like the main loop, each iteration of the
     replay's loop takes ``step_block`` checked steps (a lane that has stopped keeps its
-    iterate): one test of the loop's condition, and one round of its dozen small kernels and
-    buffer copies, for all of them; the same unrolling, so that XLA fuses the steps alike.
+    iterate): one test of the loop's condition, and one round of its few small kernels and
+    buffer copies (the carry is the packed state and one clock per lane: one loop and one
+    copy each), for all of them; the same unrolling, so that XLA fuses the steps alike.
     """
     config = problem.config
     m = etas.check.shape[0]

@@ -136,8 +136,8 @@ class _Findings(NamedTuple):
 def _findings(
     problem: Problem, lanes: Lanes, state: State, etas: StepSizes, t1: Int[Array, ""]
 ) -> _Findings:
-    """Evaluates the lanes at ``state`` (packed) at time ``t1``: loss, gradient norm, bound
-    check, and which lanes converged, diverged or settled."""
+    """Evaluates the lanes at ``state`` (packed) at time ``t1``: loss, gradient norm, whether
+    each is sound, and which lanes converged, diverged or settled."""
     config = problem.config
     running = lanes.status == RUNNING
     loss, grad_norm, step_norm, sound, grad = evaluate_lanes(problem, problem.unpack(state), etas)
